@@ -1,0 +1,189 @@
+"""Checkpoints that are either complete and verified or ignored, written through fsspec.
+
+Layout under ``<run dir>/checkpoints/``::
+
+    step-00000120/state.pt        torch.save of the trainer's state dict
+    step-00000120/MANIFEST.json   written last: sha256 and size of state.pt, step, versions
+
+A checkpoint counts only once its manifest exists and the state's checksum matches it, so a crash at
+any point of a save leaves the previous good checkpoint the one that is loaded. On local disks the
+directory is written under a temporary name, fsynced and renamed; on object stores (no rename) the
+manifest written last is the commit marker.
+
+Writes happen on a background thread, one at a time: the loop only pays for an in-memory copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def model_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's parameters and buffers, in a canonical order.
+
+    For each entry of the state dict in sorted-name order: the name (UTF-8), the dtype and shape as
+    text, then the tensor's bytes (contiguous, CPU, native little-endian). Equal models hash equal
+    whatever their device or memory layout.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor cloned to CPU: safe to write while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _fsync_local(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    if "file" in fs.protocol or "local" in fs.protocol:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under ``root`` (a local path or fsspec URL)."""
+
+    def __init__(self, root: str, keep: int = 3):
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.keep = keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_block_seconds = 0.0
+        self.last_write_seconds = 0.0
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def write(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> str:
+        """Write one checkpoint now (blocking). Returns its path."""
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        name = f"step-{step:08d}"
+        local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        final = self._path(name)
+        target = self._path(f".{name}.tmp-{uuid.uuid4().hex[:8]}") if local else final
+        self.fs.makedirs(target, exist_ok=True)
+        with self.fs.open(f"{target}/state.pt", "wb") as f:
+            f.write(data)
+        _fsync_local(self.fs, f"{target}/state.pt")
+        manifest = {"format": FORMAT_VERSION, "step": step, "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data), "time": time.time(), **(meta or {})}
+        with self.fs.open(f"{target}/MANIFEST.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+        if local:
+            _fsync_local(self.fs, f"{target}/MANIFEST.json")
+            if self.fs.exists(final):  # a re-save of the same step (e.g. after a rollback)
+                self.fs.rm(final, recursive=True)
+            os.replace(target, final)
+            _fsync_local(self.fs, self.root)
+        self.last_write_seconds = time.perf_counter() - t0
+        self._prune()
+        return final
+
+    def save_async(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
+        """Snapshot ``state`` in memory and write it on a background thread (one write at a time)."""
+        t0 = time.perf_counter()
+        self.wait()
+        snap = snapshot(state)
+        self.last_block_seconds = time.perf_counter() - t0
+
+        def target() -> None:
+            try:
+                self.write(step, snap, meta)
+            except BaseException as e:  # reported by the next wait(), never lost
+                self._error = e
+
+        self._thread = threading.Thread(target=target, name="dtrain-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"checkpoint write failed: {err}") from err
+
+    def _prune(self) -> None:
+        good = self.list()
+        for _, path in good[: -self.keep]:
+            self.fs.rm(path, recursive=True)
+
+    # -- finding and loading --------------------------------------------------------------------------
+
+    def list(self) -> list[tuple[int, str]]:
+        """Committed checkpoints (manifest present), oldest first. Not yet verified."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            m = _NAME.match(e.rstrip("/").rsplit("/", 1)[-1])
+            if m and self.fs.exists(f"{e}/MANIFEST.json"):
+                out.append((int(m.group(1)), e))
+        return sorted(out)
+
+    def load_path(self, path: str) -> dict[str, Any]:
+        """Load and verify one checkpoint directory; CheckpointError if it is incomplete or corrupt."""
+        try:
+            with self.fs.open(f"{path}/MANIFEST.json") as f:
+                manifest = json.load(f)
+            with self.fs.open(f"{path}/state.pt", "rb") as f:
+                data = f.read()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable ({e})") from None
+        if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
+        state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        return state
+
+    def latest(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, skipping (with a warning) any that do not."""
+        for _, path in reversed(self.list()):
+            try:
+                return path, self.load_path(path)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint: %s", e)
+        return None

@@ -1,0 +1,90 @@
+"""Command line: every flag is derived from the config dataclasses (``dtrain.config``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from dtrain.config import Config, UserError, coerce, field_type, load_yaml, section_fields
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the problem and the fix, exit 2 (argparse's own also prints the usage).
+        _fail(f"{message}; see {self.prog} --help")
+
+
+def _fail(message: str) -> NoReturn:
+    # Under horovodrun every rank sees the same bad input: rank 0 alone says so.
+    if os.environ.get("HOROVOD_RANK", "0") == "0":
+        print(f"dtrain: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _fmt_default(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(none)"
+    return "(none)" if value is None else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    parser = _Parser(
+        prog="dtrain",
+        description="Distributed data-parallel SGD: Dask streams partitions to Horovod ranks. "
+        "Run as-is for one process, or under horovodrun -np N for N ranks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="YAML", help="YAML file with sections as below; flags override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, cls, f in section_fields():
+        group = groups.get(section) or parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        groups[section] = group
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(getattr(defaults, section), f.name)
+        tp, is_list = field_type(cls, f.name)
+        help_text = f"{f.metadata['doc']} (default: {_fmt_default(default)})"
+        if tp is bool and not is_list:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            metavar = (tp.__name__.upper() + ",...") if is_list else tp.__name__.upper()
+            group.add_argument(flag, dest=f.name, metavar=metavar, help=help_text)
+    # ArgumentDefaultsHelpFormatter would print SUPPRESS; the defaults are already in each help line.
+    parser.formatter_class = argparse.HelpFormatter
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Flags over YAML over defaults, validated. Raises UserError on bad input."""
+    args = vars(build_parser().parse_args(argv))
+    raw: dict[str, dict[str, Any]] = load_yaml(args.pop("config")) if "config" in args else {}
+    for section, cls, f in section_fields():
+        if f.name in args:
+            raw.setdefault(section, {})[f.name] = coerce(cls, f.name, args[f.name])
+    return Config.from_dict(raw)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("DTRAIN_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = parse_config(argv)
+        from dtrain.engine import run  # heavy imports (torch, dask) only after the flags are good
+
+        run(config)
+    except UserError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The Dask cluster a run reads from: an existing scheduler, or an embedded LocalCluster.
+
+Under horovodrun the embedded cluster is started by rank 0 alone; the other ranks connect to the
+address it broadcasts, so all ranks share one cluster and its cached partitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import psutil
+from distributed import Client, LocalCluster
+
+from dtrain import dist
+from dtrain.config import ClusterConfig, UserError
+
+log = logging.getLogger(__name__)
+
+
+def _local_cluster(cfg: ClusterConfig) -> LocalCluster:
+    # The ranks use the cores for training; the workers mostly wait on I/O and numpy, which release
+    # the GIL. One worker per two cores (at least one), threads to fill those cores, memory shared.
+    cores = dist.usable_cores()
+    workers = cfg.dask_workers or max(1, cores // 4)
+    memory = int(psutil.virtual_memory().total * 0.5 / workers)
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=max(1, cores // workers),
+        processes=True,
+        memory_limit=memory,
+        dashboard_address=None,
+        host="127.0.0.1",
+        silence_logs=logging.WARNING,
+    )
+
+
+def _connect(address: str, timeout: float) -> Client:
+    try:
+        return Client(address, timeout=timeout, set_as_default=True)
+    except (OSError, TimeoutError) as e:
+        raise UserError(
+            f"--scheduler: cannot reach the Dask scheduler at {address} within {timeout:g}s ({type(e).__name__}); "
+            "check the address and that the scheduler runs, or omit --scheduler to start a local cluster"
+        ) from None
+
+
+@contextlib.contextmanager
+def connect(cfg: ClusterConfig) -> Iterator[Client]:
+    """A client on every rank, closed (and the embedded cluster shut down) on exit."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster: LocalCluster | None = None
+    address = cfg.scheduler
+    if address is None:
+        def start() -> str:
+            nonlocal cluster
+            cluster = _local_cluster(cfg)
+            return str(cluster.scheduler_address)
+
+        address = dist.run_on_main(start, name="dask-address")
+    client = _connect(address, cfg.connect_timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+        dist.barrier()  # nobody still needs the cluster
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,284 @@
+"""Typed run configuration: one dataclass per concern, a doc line per field, validated on construction.
+
+The command line is derived from these classes (``dtrain.cli``), YAML files use the same names nested
+by section, and the resolved configuration is written to every run directory and checkpoint.
+Validation raises :class:`ConfigError`, which names the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value; ``flag`` is the command-line spelling of the field."""
+
+    def __init__(self, name: str, message: str):
+        self.flag = "--" + name.replace("_", "-")
+        super().__init__(f"{self.flag}: {message}")
+
+
+def doc(default: Any, text: str, **kw: Any) -> Any:
+    """A dataclass field with its one-line documentation (shown by --help and the reference)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text, **kw})
+    return field(default=default, metadata={"doc": text, **kw})
+
+
+MODELS = ("mlp", "linear", "logistic", "cnn")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+SCHEDULES = ("constant", "step", "cosine")
+_USER_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(name, f"must be {bound}, got {value}; pass a value {bound}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the data lives: an embedded Dask cluster or an existing one."""
+
+    scheduler: str | None = doc(None, "Dask scheduler address (tcp://HOST:PORT); default: start a local cluster")
+    dask_workers: int = doc(0, "workers of the embedded local cluster (0: sized to the machine)")
+    connect_timeout: float = doc(10.0, "seconds to wait for the Dask scheduler before giving up")
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^:/]+(:\d+)?$", self.scheduler):
+            raise ConfigError(
+                "scheduler", f"{self.scheduler!r} is not an address; use tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786)"
+            )
+        _positive("dask_workers", self.dask_workers, zero_ok=True)
+        _positive("connect_timeout", self.connect_timeout)
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how it is split, shuffled and streamed."""
+
+    data: str | None = doc(None, "dataset: Parquet dir/glob, CSV glob, .npy/.zarr, or a URL; default: generated")
+    format: str = doc("auto", "dataset format: auto, parquet, csv, npy, zarr")
+    label: str = doc("label", "label column")
+    features: list[str] = doc([], "feature columns, comma-separated (default: every numeric column but label/row_id)")
+    task: str = doc("auto", "classification, regression, or auto (integer labels: classification)")
+    val_fraction: float = doc(0.1, "fraction of rows held out for evaluation (chosen by a hash of the row id)")
+    fillna: float | None = doc(None, "value replacing missing features (default: missing values are an error)")
+    shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
+    shuffle_window: int = doc(4, "partitions whose rows are shuffled together (bounds memory on the cluster)")
+    drop_last: bool = doc(False, "drop the last partial global batch of each epoch")
+    prefetch: int = doc(8, "steps whose rows each rank keeps in flight")
+    audit_dir: str | None = doc(None, "write the row ids each rank consumes at each step here (debugging)")
+    gen_rows: int = doc(65536, "generated data: rows")
+    gen_features: int = doc(32, "generated data: features")
+    gen_classes: int = doc(10, "generated data: classes")
+    gen_partitions: int = doc(16, "generated data: partitions")
+    gen_noise: float = doc(1.0, "generated data: noise around the class clusters")
+
+    def __post_init__(self) -> None:
+        _choice("format", self.format, ("auto", "parquet", "csv", "npy", "zarr"))
+        _choice("task", self.task, ("auto", "classification", "regression"))
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        for name in ("shuffle_window", "prefetch", "gen_rows", "gen_features", "gen_partitions"):
+            _positive(name, getattr(self, name))
+        if self.gen_classes < 2:
+            raise ConfigError("gen_classes", f"needs at least 2 classes, got {self.gen_classes}")
+        _positive("gen_noise", self.gen_noise, zero_ok=True)
+
+
+@dataclass
+class ModelConfig:
+    """The network; models know nothing of distribution."""
+
+    model: str = doc("mlp", f"{', '.join(MODELS)}, or a factory package.module:function(input_shape, outputs)")
+    hidden: list[int] = doc([128, 128], "MLP hidden widths, comma-separated")
+    dropout: float = doc(0.0, "dropout probability after each hidden layer")
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS and not _USER_MODEL.match(self.model):
+            raise ConfigError(
+                "model", f"unknown model {self.model!r}; choose {', '.join(MODELS)} or package.module:factory"
+            )
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"widths must be >= 1, got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: str = doc("adamw", f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = doc(1e-3, "peak learning rate")
+    momentum: float = doc(0.9, "SGD momentum")
+    nesterov: bool = doc(False, "SGD Nesterov momentum")
+    weight_decay: float = doc(0.0, "weight decay (decoupled for AdamW)")
+    schedule: str = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
+    warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
+    grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
+
+    def __post_init__(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _positive("lr", self.lr)
+        _positive("weight_decay", self.weight_decay, zero_ok=True)
+        _positive("warmup_steps", self.warmup_steps, zero_ok=True)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.grad_clip is not None:
+            _positive("grad_clip", self.grad_clip)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    mode: str = doc("minibatch", "minibatch (epochs over shuffled data) or online (one pass in arrival order)")
+    global_batch_size: int = doc(256, "rows per optimizer step across all ranks (fixed whatever the world size)")
+    epochs: int = doc(3, "passes over the training split (online mode: 1)")
+    max_steps: int | None = doc(None, "stop after this many optimizer steps in total")
+    seed: int = doc(0, "seed for data order, model initialisation and dropout")
+    log_every: int = doc(10, "write a metrics line every N steps")
+    eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, ("minibatch", "online"))
+        for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size"):
+            _positive(name, getattr(self, name))
+        if self.max_steps is not None:
+            _positive("max_steps", self.max_steps)
+
+
+@dataclass
+class RunConfig:
+    """Run directory and checkpoints."""
+
+    run_dir: str | None = doc(None, "run directory (default: runs/<timestamp>)")
+    resume: str = doc("auto", "auto (latest good checkpoint in the run dir), never, or a checkpoint path")
+    checkpoint_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
+    keep: int = doc(3, "checkpoints to keep")
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint_every", self.checkpoint_every, zero_ok=True)
+        _positive("keep", self.keep)
+
+
+@dataclass
+class Config:
+    """Everything a run needs; ``dtrain --help`` lists every field."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build from nested ``{section: {field: value}}``, rejecting unknown names."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for name, values in (raw or {}).items():
+            if name not in sections:
+                raise UserError(f"config: unknown section {name!r}; sections are {', '.join(sections)}")
+            section_cls = hints[name]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(values or {}) - known
+            if unknown:
+                bad = sorted(unknown)[0]
+                raise UserError(f"config: unknown field {name}.{bad}; see dtrain --help for the fields")
+            kwargs[name] = section_cls(**{k: coerce(section_cls, k, v) for k, v in (values or {}).items()})
+        return cls(**kwargs)
+
+
+def section_fields() -> list[tuple[str, type, dataclasses.Field[Any]]]:
+    """Every ``(section, section class, field)``; field names are unique across sections."""
+    out = []
+    hints = get_type_hints(Config)
+    for sec in dataclasses.fields(Config):
+        cls = hints[sec.name]
+        out.extend((sec.name, cls, f) for f in dataclasses.fields(cls))
+    names = [f.name for _, _, f in out]
+    assert len(names) == len(set(names)), "config field names must be unique across sections"
+    return out
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool]:
+    """``(scalar or element type, is_list)`` of a field, with ``X | None`` unwrapped."""
+    tp = get_type_hints(cls)[name]
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is not None and get_origin(tp) is not list and args:
+        tp = args[0]
+    if get_origin(tp) is list:
+        return get_args(tp)[0], True
+    return tp, False
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if value is None:
+        return None
+    tp, is_list = field_type(cls, name)
+    if is_list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+        return [_scalar(name, tp, v) for v in items]
+    return _scalar(name, tp, value)
+
+
+def _scalar(name: str, tp: type, value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected {tp.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"--config: no such file {path!r}; pass the path of a YAML config") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config: {path} must hold a mapping of sections; see dtrain --help")
+    return raw

@@ -1,0 +1,313 @@
+"""The training run: set up, one loop that reads top to bottom, evaluate, report.
+
+Data-parallel in three marked places (the rest is a plain PyTorch loop):
+
+1. every rank starts from rank 0's parameters (``dist.broadcast_parameters``);
+2. each rank's loss is a *sum* over its rows divided by the rows of the whole global batch, and the
+   gradients are *summed* across ranks, so the result is the mean over the global batch however the
+   batch was cut (uneven last batches included) and equals what one process would compute;
+3. the gradient sum, the loss and the accuracy counts travel in one fused allreduce per step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtrain
+from dtrain import dist, models
+from dtrain.checkpoint import Checkpointer, model_sha256
+from dtrain.cluster import connect
+from dtrain.config import Config, UserError
+from dtrain.data import Dataset, Stats, open_source
+from dtrain.plan import EpochPlan, Position, validate_world
+from dtrain.rundir import RunDir
+from dtrain.stream import Batch, Stream
+
+log = logging.getLogger(__name__)
+
+
+# -- building blocks ----------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
+    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+    if o.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if o.schedule == "step":  # x0.1 at each third of training
+        return 0.1 ** int(min(progress, 0.999) * 3)
+    return 1.0
+
+
+def loss_sum(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y, reduction="sum")
+    return F.mse_loss(out.squeeze(-1), y, reduction="sum")
+
+
+def correct(task: str, out: torch.Tensor, y: torch.Tensor) -> float:
+    if task != "classification" or len(y) == 0:
+        return 0.0
+    return float((out.argmax(dim=1) == y).sum())
+
+
+def step_seed(seed: int, global_step: int, rank: int) -> int:
+    # Dropout's randomness is a function of (seed, step, rank): resuming needs no RNG state and
+    # reproduces an uninterrupted run exactly.
+    return (seed * 1_000_003 + global_step * 1_009 + rank) % (2**63)
+
+
+@dataclass
+class Meter:
+    """Running sums between two metrics lines."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    rows: int = 0
+    steps: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, correct: float, rows: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.rows += rows
+        self.steps += 1
+
+
+def evaluate(model: nn.Module, stream: Stream, sizes: list[int], cfg: Config, stats: Stats) -> dict[str, float]:
+    """Held-out loss (and accuracy), combined across ranks by counts, not by averaging averages."""
+    if sum(sizes) == 0:
+        return {}
+    plan = EpochPlan(tuple(sizes), cfg.train.eval_batch_size, shuffle=False)
+    totals = np.zeros(4)  # loss sum, correct, rows, sum of squared deviation of targets (R²)
+    y_dtype = np.dtype(np.int64 if stats.task == "classification" else np.float32)
+    ys: list[torch.Tensor] = []
+    model.eval()
+    with torch.no_grad():
+        for b in stream.batches(plan, y_dtype=y_dtype):
+            out = model(b.x)
+            totals[:3] += (float(loss_sum(stats.task, out, b.y)), correct(stats.task, out, b.y), b.rows)
+            if stats.task == "regression":
+                ys.append(b.y)
+    model.train()
+    result: dict[str, float] = {}
+    if stats.task == "regression":
+        y = torch.cat(ys) if ys else torch.zeros(0)
+        s1, s2, n = dist.allreduce_sum([float(y.sum()), float((y.double() ** 2).sum()), len(y)])
+        totals[3] = s2 - s1 * s1 / max(n, 1)
+    loss, right, rows, ss_tot = dist.allreduce_sum(totals.tolist(), name="eval")
+    result["eval_rows"] = rows
+    result["eval_loss"] = loss / rows
+    if stats.task == "classification":
+        result["eval_accuracy"] = right / rows
+    else:
+        result["eval_r2"] = 1 - loss / ss_tot if ss_tot > 0 else float("nan")
+    return result
+
+
+def _resume(cfg: Config, ckpt: Checkpointer | None) -> dict[str, Any] | None:
+    """Rank 0 finds the checkpoint to resume from; every rank receives it."""
+    def find() -> dict[str, Any] | None:
+        if cfg.run.resume == "never" or ckpt is None:
+            return None
+        if cfg.run.resume == "auto":
+            found = ckpt.latest()
+            if found:
+                log.info("resuming from %s", found[0])
+            return found[1] if found else None
+        try:
+            return ckpt.load_path(cfg.run.resume)
+        except Exception as e:
+            raise UserError(f"--resume: cannot load {cfg.run.resume!r} ({e}); pass a checkpoint directory, "
+                            "auto or never") from None
+
+    return dist.run_on_main(find, name="resume")
+
+
+def _run_dir(cfg: Config) -> str:
+    def choose() -> str:
+        return cfg.run.run_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+    return dist.run_on_main(choose, name="run-dir")
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    dist.init()
+    rank, world = dist.rank(), dist.size()
+    device = dist.device()
+    online = cfg.train.mode == "online"
+    seed = cfg.train.seed
+    run_dir = RunDir(_run_dir(cfg), enabled=dist.is_main(), audit_dir=cfg.data.audit_dir, rank=rank)
+    run_dir.write_config(cfg)
+    ckpt = Checkpointer(run_dir.checkpoints, keep=cfg.run.keep) if dist.is_main() else None
+
+    with connect(cfg.cluster) as client:
+        # Data: statistics computed once by the cluster (rank 0 asks), the same numbers on every rank.
+        dataset = Dataset(open_source(cfg.data, seed), cfg.data, seed)
+        resumed = _resume(cfg, ckpt)
+        if resumed is not None:
+            stats = Stats(**resumed["stats"])
+            if stats.fingerprint != dataset.token:
+                raise UserError("--resume: the checkpoint was trained on different data or preprocessing; "
+                                "use the same --data and data flags, or --resume never")
+        else:
+            stats = dist.run_on_main(dataset.compute_stats, name="stats")
+        dataset.use_stats(stats)
+        validate_world(stats.train_rows, world)
+        run_dir.write_json("stats.json", stats.to_dict())
+        y_dtype = np.dtype(np.int64 if stats.task == "classification" else np.float32)
+        train = Stream(client, dataset.partitions("train"), len(stats.features), rank, world,
+                       cfg.data.prefetch, device)
+        val = Stream(client, dataset.partitions("val"), len(stats.features), rank, world,
+                     cfg.data.prefetch, device)
+
+        # Model and optimizer: same seed everywhere, then (1) rank 0's parameters win.
+        torch.manual_seed(seed)
+        model = models.build(cfg.model, len(stats.features), stats.num_outputs).to(device)
+        optimizer = make_optimizer(cfg, model.parameters())
+        epochs = 1 if online else cfg.train.epochs
+
+        def plan(epoch: int) -> EpochPlan:
+            return EpochPlan(tuple(stats.train_sizes), cfg.train.global_batch_size, seed, epoch,
+                             shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
+                             drop_last=cfg.data.drop_last)
+
+        steps_per_epoch = plan(0).num_steps
+        total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
+        pos, global_step, samples = Position(), 0, 0
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            pos = Position(**resumed["position"])
+            global_step, samples = resumed["global_step"], resumed["samples"]
+        dist.broadcast_parameters(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def trainer_state() -> dict[str, Any]:
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "position": {"epoch": pos.epoch, "step": pos.step}, "global_step": global_step,
+                    "samples": samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
+                    "world_size": world, "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
+
+        def checkpoint(sync: bool = False) -> None:
+            if ckpt is None:
+                return
+            meta = {"epoch": pos.epoch, "position_step": pos.step, "world_size": world}
+            if sync:
+                ckpt.wait()
+                ckpt.write(global_step, trainer_state(), meta)
+            else:
+                ckpt.save_async(global_step, trainer_state(), meta)
+
+        log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, run dir %s",
+                 rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs, run_dir.path)
+        meter, last_loss = Meter(), float("nan")
+        final_eval: dict[str, float] | None = None  # the last evaluation, while still current
+        allreduce_buf = torch.zeros(2, dtype=torch.float32, device=device)
+        model.train()
+
+        # ---- the loop ------------------------------------------------------------------------------
+        for epoch in range(pos.epoch, epochs):
+            if global_step >= total_steps:
+                break
+            start_step = pos.step if epoch == pos.epoch else 0
+            batch: Batch
+            for batch in train.batches(plan(epoch), start_step, y_dtype):
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
+                torch.manual_seed(step_seed(seed, global_step, rank))
+                optimizer.zero_grad(set_to_none=False)
+                out = model(batch.x)
+                loss = loss_sum(stats.task, out, batch.y)
+                # (2) a sum over this rank's rows / rows of the global batch; summed across ranks below.
+                (loss / batch.global_rows).backward()
+                allreduce_buf[0] = loss.detach()
+                allreduce_buf[1] = correct(stats.task, out, batch.y)  # online: predicted before trained on
+                # (3) one fused collective: gradients + loss + accuracy counts.
+                dist.allreduce_sum_([*(p.grad for p in params if p.grad is not None), allreduce_buf])
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+
+                global_step += 1
+                samples += batch.global_rows
+                pos = Position(epoch, batch.step + 1)
+                meter.add(float(allreduce_buf[0]), float(allreduce_buf[1]), batch.global_rows)
+                final_eval = None
+                if run_dir.audit:
+                    run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
+                if global_step % cfg.train.log_every == 0 or global_step == total_steps:
+                    last_loss = meter.loss / meter.rows
+                    now = time.perf_counter()
+                    record = {"step": global_step, "epoch": epoch, "samples": samples, "loss": last_loss,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "samples_per_sec": meter.rows / max(now - meter.since, 1e-9), "world_size": world}
+                    if stats.task == "classification":
+                        record["accuracy" if not online else "progressive_accuracy"] = meter.correct / meter.rows
+                    run_dir.metrics(record)
+                    meter = Meter()
+                if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
+                    checkpoint()
+                if global_step >= total_steps:
+                    break
+            else:
+                pos = Position(epoch + 1, 0)  # epoch finished: the next one starts at its first step
+            if not online:
+                final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
+                if final_eval:
+                    run_dir.metrics({"step": global_step, "epoch": epoch, "world_size": world, **final_eval})
+                    log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
+        # ---- end of the loop -----------------------------------------------------------------------
+
+        if meter.rows:
+            last_loss = meter.loss / meter.rows
+        if final_eval is None:
+            final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
+        checkpoint(sync=True)
+
+    wall = time.perf_counter() - t_start
+    state = model.state_dict()
+    summary = {
+        "steps": global_step, "epochs": pos.epoch + (pos.step > 0), "samples": samples, "world_size": world,
+        "final_loss": last_loss, "eval_loss": final_eval.get("eval_loss"),
+        "eval_accuracy": final_eval.get("eval_accuracy"), "eval_r2": final_eval.get("eval_r2"),
+        "wall_seconds": wall, "samples_per_sec": samples / wall, "model_sha256": model_sha256(state),
+        "mode": cfg.train.mode, "task": stats.task,
+    }
+    run_dir.save_model(state)
+    run_dir.write_json("summary.json", summary)
+    run_dir.close()
+    if dist.is_main():
+        log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "model_sha256"}))
+    return summary

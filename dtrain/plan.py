@@ -1,0 +1,198 @@
+"""Epoch plan: which rows every rank trains on at every step. Pure logic, no I/O.
+
+The plan is a function of ``(seed, epoch, partition sizes, global batch size)`` and of nothing about the
+world: the global order of rows, and so the sequence of global batches, is the same for 1 rank or 64.
+A world of ``n`` ranks only decides how each global batch is cut into ``n`` contiguous slices.
+
+Rows are named by their *position*: partition ``p``'s row ``i`` has position ``offsets[p] + i``.
+
+Shuffling follows the block-shuffle idea of MosaicML streaming: the partitions are permuted, grouped
+into windows of ``shuffle_window`` consecutive (permuted) partitions, and the rows inside each window
+are permuted. A rank therefore only ever needs the partitions of one or two windows at a time, and the
+plan never materialises an index of the whole dataset: a window's permutation is derived from
+``(seed, epoch, window)`` on demand.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next global step to run is ``step`` of ``epoch``."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def rank_slice(batch_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The ``[start, stop)`` slice of a global batch of ``batch_rows`` rows that ``rank`` trains on.
+
+    Slices differ in length by at most one row; a rank may get none when the batch has fewer rows
+    than there are ranks (it still takes part in the allreduce, with zero gradients).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+    return rank * batch_rows // world_size, (rank + 1) * batch_rows // world_size
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The global order of one epoch and its cut into global batches."""
+
+    partition_sizes: tuple[int, ...]
+    global_batch_size: int
+    seed: int = 0
+    epoch: int = 0
+    shuffle: bool = True
+    shuffle_window: int = 4
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        if any(s < 0 for s in self.partition_sizes):
+            raise ValueError("partition sizes must be >= 0")
+        object.__setattr__(self, "partition_sizes", tuple(int(s) for s in self.partition_sizes))
+
+    # -- the global order ---------------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.partition_sizes)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Position of each partition's first row (length ``P + 1``, last entry = number of rows)."""
+        return np.concatenate([[0], np.cumsum(self.partition_sizes, dtype=np.int64)]).astype(np.int64)
+
+    @cached_property
+    def partition_order(self) -> np.ndarray:
+        order = np.arange(len(self.partition_sizes), dtype=np.int64)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, 0]).permutation(order)
+        return order
+
+    @cached_property
+    def _window_starts(self) -> list[int]:
+        """Global order index at which each window begins (plus the end)."""
+        sizes = np.asarray(self.partition_sizes, dtype=np.int64)[self.partition_order]
+        starts = [0]
+        for w in range(0, len(sizes), self.shuffle_window):
+            starts.append(starts[-1] + int(sizes[w : w + self.shuffle_window].sum()))
+        return starts
+
+    @property
+    def num_windows(self) -> int:
+        return len(self._window_starts) - 1
+
+    def window_partitions(self, window: int) -> np.ndarray:
+        """The partitions (in plan order) that make up ``window``."""
+        return self.partition_order[window * self.shuffle_window : (window + 1) * self.shuffle_window]
+
+    def window_positions(self, window: int) -> np.ndarray:
+        """Row positions of ``window`` in the order they are trained."""
+        parts = self.window_partitions(window)
+        rows = np.concatenate(
+            [np.arange(self.offsets[p], self.offsets[p + 1], dtype=np.int64) for p in parts]
+            or [np.empty(0, dtype=np.int64)]
+        )
+        if self.shuffle:
+            rows = np.random.default_rng([self.seed, self.epoch, 1, window]).permutation(rows)
+        return rows
+
+    def order(self, start: int, stop: int) -> np.ndarray:
+        """Row positions at global order indexes ``[start, stop)``."""
+        stop = min(stop, self.num_rows)
+        if start >= stop:
+            return np.empty(0, dtype=np.int64)
+        first = bisect.bisect_right(self._window_starts, start) - 1
+        last = bisect.bisect_right(self._window_starts, stop - 1) - 1
+        pieces = []
+        for w in range(first, last + 1):
+            w0 = self._window_starts[w]
+            rows = self.window_positions(w)
+            pieces.append(rows[max(start - w0, 0) : stop - w0])
+        return np.concatenate(pieces)
+
+    def windows_between(self, start: int, stop: int) -> range:
+        """Windows touched by global order indexes ``[start, stop)``."""
+        if start >= stop:
+            return range(0)
+        first = bisect.bisect_right(self._window_starts, start) - 1
+        last = bisect.bisect_right(self._window_starts, min(stop, self.num_rows) - 1) - 1
+        return range(first, last + 1)
+
+    # -- global batches -----------------------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        full, rest = divmod(self.num_rows, self.global_batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def batch_bounds(self, step: int) -> tuple[int, int]:
+        """Global order indexes ``[start, stop)`` of the global batch at ``step``."""
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside epoch of {self.num_steps} steps")
+        start = step * self.global_batch_size
+        return start, min(start + self.global_batch_size, self.num_rows)
+
+    def batch_rows(self, step: int) -> int:
+        start, stop = self.batch_bounds(step)
+        return stop - start
+
+    def global_batch(self, step: int) -> np.ndarray:
+        return self.order(*self.batch_bounds(step))
+
+    def rank_batch(self, step: int, world_size: int, rank: int) -> np.ndarray:
+        """Row positions ``rank`` trains on at ``step`` in a world of ``world_size`` ranks."""
+        start, stop = self.batch_bounds(step)
+        lo, hi = rank_slice(stop - start, world_size, rank)
+        return self.order(start + lo, start + hi)
+
+    def steps(self, start_step: int = 0) -> Iterator[int]:
+        return iter(range(start_step, self.num_steps))
+
+    # -- positions to partitions --------------------------------------------------------------------
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split row positions into (partition, row within partition)."""
+        part = np.searchsorted(self.offsets, positions, side="right") - 1
+        return part, positions - self.offsets[part]
+
+
+def group_by_partition(
+    plan: EpochPlan, positions: np.ndarray
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Group row positions by partition: ``(partition, rows within it, indexes into positions)``.
+
+    The stream asks each partition for its rows in one request and puts them back in plan order
+    with the indexes.
+    """
+    part, local = plan.locate(positions)
+    order = np.argsort(part, kind="stable")
+    part_sorted = part[order]
+    groups = []
+    for p in np.unique(part_sorted):
+        lo, hi = np.searchsorted(part_sorted, [p, p + 1])
+        idx = order[lo:hi]
+        groups.append((int(p), local[idx], idx))
+    return groups
+
+
+def validate_world(num_rows: int, world_size: int) -> None:
+    """Refuse worlds larger than the data: some rank would never see a row."""
+    if num_rows < world_size:
+        raise ValueError(
+            f"the training split has {num_rows} rows but the world has {world_size} ranks; "
+            "use more data or fewer ranks"
+        )
+
