@@ -88,7 +88,7 @@ class DataConfig:
     gen_features: int = doc(32, "generated data: features")
     gen_classes: int = doc(10, "generated data: classes")
     gen_partitions: int = doc(16, "generated data: partitions")
-    gen_noise: float = doc(1.0, "generated data: noise around the class clusters")
+    gen_noise: float = doc(2.0, "generated data: noise around the class clusters")
 
     def __post_init__(self) -> None:
         _choice("format", self.format, ("auto", "parquet", "csv", "npy", "zarr"))
@@ -218,7 +218,7 @@ class Config:
 
 def section_fields() -> list[tuple[str, type, dataclasses.Field[Any]]]:
     """Every ``(section, section class, field)``; field names are unique across sections."""
-    out = []
+    out: list[tuple[str, type, dataclasses.Field[Any]]] = []
     hints = get_type_hints(Config)
     for sec in dataclasses.fields(Config):
         cls = hints[sec.name]

@@ -107,7 +107,7 @@ def _generate_partition(i: int, rows: int, start: int, features: int, classes: i
     rng = np.random.default_rng([seed, 1, i])
     y = rng.integers(0, classes, size=rows)
     which = rng.integers(0, 2, size=rows)
-    x = centres[y, which] * 2.0 + rng.normal(0.0, noise, size=(rows, features))
+    x = centres[y, which] + rng.normal(0.0, noise, size=(rows, features))
     df = pd.DataFrame(x.astype(np.float32), columns=[f"f{j}" for j in range(features)])
     df.insert(0, ROW_ID, np.arange(start, start + rows, dtype=np.int64))
     df["label"] = y.astype(np.int64)
@@ -247,14 +247,15 @@ class Dataset:
         self.cfg = cfg
         self.seed = seed
         columns = list(ddf.columns)
+        listed = ", ".join(map(str, columns))
         if cfg.label not in columns:
-            raise UserError(f"--label: no column {cfg.label!r} in the data; columns are {', '.join(map(str, columns))}")
+            raise UserError(f"--label: no column {cfg.label!r} in the data; columns are {listed}")
         features = list(cfg.features) or [
             c for c in columns if c not in (cfg.label, ROW_ID) and pd.api.types.is_numeric_dtype(ddf.dtypes[c])
         ]
         missing = [c for c in features if c not in columns]
         if missing:
-            raise UserError(f"--features: no column {missing[0]!r} in the data; columns are {', '.join(map(str, columns))}")
+            raise UserError(f"--features: no column {missing[0]!r} in the data; columns are {listed}")
         non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(ddf.dtypes[c])]
         if non_numeric:
             raise UserError(
@@ -300,7 +301,8 @@ class Dataset:
             task = "classification" if all(s["integral"] for s in summaries) else "regression"
         classes = None
         if task == "classification":
-            classes = sorted(set().union(*[set(s["classes"].tolist()) for s in summaries if s["classes"] is not None]))
+            seen = [set(s["classes"].tolist()) for s in summaries if s["classes"] is not None]
+            classes = sorted(set().union(*seen))
             if len(classes) < 2:
                 raise UserError(f"--label: column {self.cfg.label!r} has {len(classes)} class; "
                                 "classification needs at least 2 (or pass --task regression)")

@@ -131,7 +131,8 @@ def broadcast_object(obj: T, root: int = 0, name: str = "object") -> T:
     """Rank ``root``'s ``obj`` on every rank (pickled)."""
     if not is_distributed():
         return obj
-    return _hvd.broadcast_object(obj, root_rank=root, name=name)  # type: ignore[no-any-return]
+    result: T = _hvd.broadcast_object(obj, root_rank=root, name=name)
+    return result
 
 
 def broadcast_parameters(module: torch.nn.Module, root: int = 0) -> None:
@@ -160,4 +161,4 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
     ok, value = broadcast_object(outcome, name=name)
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return value

@@ -165,6 +165,8 @@ def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     dist.init()
     rank, world = dist.rank(), dist.size()
+    if rank != 0:  # only rank 0 reports progress; the others speak up for warnings and errors
+        logging.getLogger("dtrain").setLevel(logging.WARNING)
     device = dist.device()
     online = cfg.train.mode == "online"
     seed = cfg.train.seed

@@ -104,8 +104,9 @@ class Stream:
             if p not in needed:
                 self._held.pop(p).release()
 
-    def batches(self, plan: EpochPlan, start_step: int = 0, y_dtype: np.dtype = np.dtype(np.int64)) -> Iterator[Batch]:
+    def batches(self, plan: EpochPlan, start_step: int = 0, y_dtype: np.dtype | None = None) -> Iterator[Batch]:
         """This rank's batches of ``plan`` from ``start_step`` on, in step order."""
+        y_dtype = y_dtype or np.dtype(np.int64)
         steps = list(plan.steps(start_step))
         chunks = [steps[i : i + self.chunk] for i in range(0, len(steps), self.chunk)]
         pending: collections.deque[_Request] = collections.deque()

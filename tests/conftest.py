@@ -1,0 +1,110 @@
+"""Shared fixtures: real processes, real horovodrun, a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+HOROVODRUN = shutil.which("horovodrun", path=str(Path(PYTHON).parent)) or "horovodrun"
+_RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+
+
+@dataclass
+class Result:
+    """A finished dtrain process or horovodrun job."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path | None
+    ranks: dict[int, str] = field(default_factory=dict)  # rank -> its output lines (horovodrun only)
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def summary(self) -> dict[str, Any]:
+        assert self.run_dir is not None
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        assert self.run_dir is not None
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def check(self) -> Result:
+        assert self.returncode == 0, f"exit {self.returncode}\n{self.output[-6000:]}"
+        return self
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DTRAIN_LOG_LEVEL="INFO")
+    env.update(extra or {})
+    return env
+
+
+def _run(cmd: Sequence[str], run_dir: Path | None, timeout: float, env: dict[str, str] | None) -> Result:
+    proc = subprocess.run(list(cmd), cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    ranks: dict[int, list[str]] = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = _RANK_LINE.match(line)
+        if m:
+            ranks.setdefault(int(m.group(1)), []).append(m.group(3))
+    return Result(proc.returncode, proc.stdout, proc.stderr, run_dir,
+                  {r: "\n".join(lines) for r, lines in ranks.items()})
+
+
+def _with_run_dir(args: Sequence[str], run_dir: Path | None) -> list[str]:
+    args = list(args)
+    if run_dir is not None and "--run-dir" not in args:
+        args += ["--run-dir", str(run_dir)]
+    return args
+
+
+@pytest.fixture
+def dtrain_local(tmp_path: Path):
+    """Run ``python -m dtrain ARGS`` as one plain process (no horovodrun)."""
+
+    def run(args: Sequence[str], run_dir: Path | None = None, timeout: float = 240,
+            env: dict[str, str] | None = None, module: str = "dtrain") -> Result:
+        run_dir = run_dir or tmp_path / "run-local"
+        return _run([PYTHON, "-m", module, *_with_run_dir(args, run_dir)], run_dir, timeout, env)
+
+    return run
+
+
+@pytest.fixture
+def horovodrun(tmp_path: Path):
+    """Run ``python -m dtrain ARGS`` (or a script) under ``horovodrun -np N -H localhost:N --gloo``."""
+
+    def run(args: Sequence[str], np: int = 2, run_dir: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None, script: str | None = None) -> Result:
+        run_dir = run_dir or tmp_path / f"run-np{np}"
+        target = [PYTHON, script] if script else [PYTHON, "-m", "dtrain"]
+        cmd = [HOROVODRUN, "-np", str(np), "-H", f"localhost:{np}", "--gloo", *target]
+        return _run([*cmd, *(_with_run_dir(args, run_dir) if not script else args)],
+                    run_dir if not script else None, timeout, env)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Any]:
+    """A real in-machine Dask cluster (separate worker process) for cluster tests."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        yield client
