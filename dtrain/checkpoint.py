@@ -48,7 +48,7 @@ def model_sha256(state: Mapping[str, torch.Tensor]) -> str:
         t = state[name].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -117,7 +117,7 @@ class Checkpointer:
             os.replace(target, final)
             _fsync_local(self.fs, self.root)
         self.last_write_seconds = time.perf_counter() - t0
-        self._prune()
+        self._prune(step)
         return final
 
     def save_async(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
@@ -145,9 +145,16 @@ class Checkpointer:
             err, self._error = self._error, None
             raise CheckpointError(f"checkpoint write failed: {err}") from err
 
-    def _prune(self) -> None:
-        good = self.list()
-        for _, path in good[: -self.keep]:
+    def _prune(self, written: int) -> None:
+        """Keep the ``keep`` newest checkpoints up to the one just written.
+
+        Checkpoints *after* it belong to an abandoned timeline (the run resumed from an earlier one,
+        e.g. because they were corrupt) and would mislead the next ``--resume auto``: they go first.
+        """
+        entries = self.list()
+        abandoned = [path for step, path in entries if step > written]
+        kept = [path for step, path in entries if step <= written]
+        for path in abandoned + kept[: -self.keep]:
             self.fs.rm(path, recursive=True)
 
     # -- finding and loading --------------------------------------------------------------------------
@@ -167,17 +174,7 @@ class Checkpointer:
 
     def load_path(self, path: str) -> dict[str, Any]:
         """Load and verify one checkpoint directory; CheckpointError if it is incomplete or corrupt."""
-        try:
-            with self.fs.open(f"{path}/MANIFEST.json") as f:
-                manifest = json.load(f)
-            with self.fs.open(f"{path}/state.pt", "rb") as f:
-                data = f.read()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable ({e})") from None
-        if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
-        state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        return state
+        return _read_verified(self.fs, path)
 
     def latest(self) -> tuple[str, dict[str, Any]] | None:
         """The newest checkpoint that verifies, skipping (with a warning) any that do not."""
@@ -187,3 +184,23 @@ class Checkpointer:
             except CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)
         return None
+
+
+def _read_verified(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    try:
+        with fs.open(f"{path}/MANIFEST.json") as f:
+            manifest = json.load(f)
+        with fs.open(f"{path}/state.pt", "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted)")
+    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return state
+
+
+def load(url: str) -> dict[str, Any]:
+    """Load and verify the checkpoint directory at ``url`` (a path or fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return _read_verified(fs, path.rstrip("/"))

@@ -82,7 +82,7 @@ class DataConfig:
     shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
     shuffle_window: int = doc(4, "partitions whose rows are shuffled together (bounds memory on the cluster)")
     drop_last: bool = doc(False, "drop the last partial global batch of each epoch")
-    prefetch: int = doc(8, "steps whose rows each rank keeps in flight")
+    prefetch: int = doc(64, "steps whose rows each rank keeps in flight (Dask round trips cost ms: keep it large)")
     audit_dir: str | None = doc(None, "write the row ids each rank consumes at each step here (debugging)")
     gen_rows: int = doc(65536, "generated data: rows")
     gen_features: int = doc(32, "generated data: features")
@@ -172,11 +172,14 @@ class RunConfig:
 
     run_dir: str | None = doc(None, "run directory (default: runs/<timestamp>)")
     resume: str = doc("auto", "auto (latest good checkpoint in the run dir), never, or a checkpoint path")
-    checkpoint_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = doc(0, "checkpoint every N steps (0: only at the end and when stopped)")
+    checkpoint_seconds: float = doc(0.0, "also checkpoint when this many seconds passed since the last (0: off)")
     keep: int = doc(3, "checkpoints to keep")
+    force_resume: bool = doc(False, "resume even if the checkpoint was trained on different data")
 
     def __post_init__(self) -> None:
         _positive("checkpoint_every", self.checkpoint_every, zero_ok=True)
+        _positive("checkpoint_seconds", self.checkpoint_seconds, zero_ok=True)
         _positive("keep", self.keep)
 
 
@@ -207,6 +210,9 @@ class Config:
             if name not in sections:
                 raise UserError(f"config: unknown section {name!r}; sections are {', '.join(sections)}")
             section_cls = hints[name]
+            if values is not None and not isinstance(values, dict):
+                raise UserError(f"config: section {name!r} must be a mapping of fields, got {values!r}; "
+                                "see dtrain --help for the fields")
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(values or {}) - known
             if unknown:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,10 @@ from torch import nn
 
 import dtrain
 from dtrain import dist, models
-from dtrain.checkpoint import Checkpointer, model_sha256
+from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
-from dtrain.config import Config, UserError
+from dtrain.config import Config
+from dtrain.coordinator import Coordinator
 from dtrain.data import Dataset, Stats, open_source
 from dtrain.plan import EpochPlan, Position, validate_world
 from dtrain.rundir import RunDir
@@ -132,25 +134,6 @@ def evaluate(model: nn.Module, stream: Stream, sizes: list[int], cfg: Config, st
     return result
 
 
-def _resume(cfg: Config, ckpt: Checkpointer | None) -> dict[str, Any] | None:
-    """Rank 0 finds the checkpoint to resume from; every rank receives it."""
-    def find() -> dict[str, Any] | None:
-        if cfg.run.resume == "never" or ckpt is None:
-            return None
-        if cfg.run.resume == "auto":
-            found = ckpt.latest()
-            if found:
-                log.info("resuming from %s", found[0])
-            return found[1] if found else None
-        try:
-            return ckpt.load_path(cfg.run.resume)
-        except Exception as e:
-            raise UserError(f"--resume: cannot load {cfg.run.resume!r} ({e}); pass a checkpoint directory, "
-                            "auto or never") from None
-
-    return dist.run_on_main(find, name="resume")
-
-
 def _run_dir(cfg: Config) -> str:
     def choose() -> str:
         return cfg.run.run_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -172,17 +155,15 @@ def run(cfg: Config) -> dict[str, Any]:
     seed = cfg.train.seed
     run_dir = RunDir(_run_dir(cfg), enabled=dist.is_main(), audit_dir=cfg.data.audit_dir, rank=rank)
     run_dir.write_config(cfg)
-    ckpt = Checkpointer(run_dir.checkpoints, keep=cfg.run.keep) if dist.is_main() else None
+    coord = Coordinator(cfg, run_dir.checkpoints)
+    coord.install_signal_handlers()
 
     with connect(cfg.cluster) as client:
         # Data: statistics computed once by the cluster (rank 0 asks), the same numbers on every rank.
         dataset = Dataset(open_source(cfg.data, seed), cfg.data, seed)
-        resumed = _resume(cfg, ckpt)
+        resumed = coord.resume(dataset.token)
         if resumed is not None:
             stats = Stats(**resumed["stats"])
-            if stats.fingerprint != dataset.token:
-                raise UserError("--resume: the checkpoint was trained on different data or preprocessing; "
-                                "use the same --data and data flags, or --resume never")
         else:
             stats = dist.run_on_main(dataset.compute_stats, name="stats")
         dataset.use_stats(stats)
@@ -223,20 +204,15 @@ def run(cfg: Config) -> dict[str, Any]:
                     "world_size": world, "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
         def checkpoint(sync: bool = False) -> None:
-            if ckpt is None:
-                return
             meta = {"epoch": pos.epoch, "position_step": pos.step, "world_size": world}
-            if sync:
-                ckpt.wait()
-                ckpt.write(global_step, trainer_state(), meta)
-            else:
-                ckpt.save_async(global_step, trainer_state(), meta)
+            coord.save(global_step, trainer_state, meta, sync=sync)
 
         log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, run dir %s",
                  rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs, run_dir.path)
         meter, last_loss = Meter(), float("nan")
         final_eval: dict[str, float] | None = None  # the last evaluation, while still current
-        allreduce_buf = torch.zeros(2, dtype=torch.float32, device=device)
+        allreduce_buf = torch.zeros(3, dtype=torch.float32, device=device)
+        stop = False
         model.train()
 
         # ---- the loop ------------------------------------------------------------------------------
@@ -256,6 +232,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 (loss / batch.global_rows).backward()
                 allreduce_buf[0] = loss.detach()
                 allreduce_buf[1] = correct(stats.task, out, batch.y)  # online: predicted before trained on
+                allreduce_buf[2] = coord.stop_flag  # a signal on any rank stops every rank after this step
                 # (3) one fused collective: gradients + loss + accuracy counts.
                 dist.allreduce_sum_([*(p.grad for p in params if p.grad is not None), allreduce_buf])
                 if cfg.optim.grad_clip:
@@ -266,6 +243,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 samples += batch.global_rows
                 pos = Position(epoch, batch.step + 1)
                 meter.add(float(allreduce_buf[0]), float(allreduce_buf[1]), batch.global_rows)
+                stop = float(allreduce_buf[2]) > 0
                 final_eval = None
                 if run_dir.audit:
                     run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
@@ -279,12 +257,14 @@ def run(cfg: Config) -> dict[str, Any]:
                         record["accuracy" if not online else "progressive_accuracy"] = meter.correct / meter.rows
                     run_dir.metrics(record)
                     meter = Meter()
-                if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
-                    checkpoint()
-                if global_step >= total_steps:
+                if stop or global_step >= total_steps:
                     break
+                if coord.due(global_step):
+                    checkpoint()
             else:
                 pos = Position(epoch + 1, 0)  # epoch finished: the next one starts at its first step
+            if stop:
+                break
             if not online:
                 final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
                 if final_eval:
@@ -292,11 +272,19 @@ def run(cfg: Config) -> dict[str, Any]:
                     log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
         # ---- end of the loop -----------------------------------------------------------------------
 
+        coord.restore_signal_handlers()
         if meter.rows:
             last_loss = meter.loss / meter.rows
+        if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
+            checkpoint(sync=True)
+            coord.close()
+            log.warning("stopped at step %d; checkpoint saved in %s", global_step, run_dir.checkpoints)
+            run_dir.close()
+            raise SystemExit(128 + (coord.signal or signal.SIGTERM))
         if final_eval is None:
             final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
         checkpoint(sync=True)
+        coord.close()
 
     wall = time.perf_counter() - t_start
     state = model.state_dict()

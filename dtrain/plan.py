@@ -98,8 +98,24 @@ class EpochPlan:
         """The partitions (in plan order) that make up ``window``."""
         return self.partition_order[window * self.shuffle_window : (window + 1) * self.shuffle_window]
 
+    @cached_property
+    def _recent_windows(self) -> dict[int, np.ndarray]:
+        return {}
+
     def window_positions(self, window: int) -> np.ndarray:
-        """Row positions of ``window`` in the order they are trained."""
+        """Row positions of ``window`` in the order they are trained (read-only).
+
+        Consecutive steps read the same window, so the last two permutations are kept; older ones are
+        dropped and recomputed on demand, keeping the plan's memory at two windows.
+        """
+        cache = self._recent_windows
+        if window not in cache:
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[window] = self._permute_window(window)
+        return cache[window]
+
+    def _permute_window(self, window: int) -> np.ndarray:
         parts = self.window_partitions(window)
         rows = np.concatenate(
             [np.arange(self.offsets[p], self.offsets[p + 1], dtype=np.int64) for p in parts]
@@ -107,6 +123,7 @@ class EpochPlan:
         )
         if self.shuffle:
             rows = np.random.default_rng([self.seed, self.epoch, 1, window]).permutation(rows)
+        rows.flags.writeable = False
         return rows
 
     def order(self, start: int, stop: int) -> np.ndarray:

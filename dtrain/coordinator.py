@@ -1,0 +1,121 @@
+"""The coordinator: the one place that decides when to checkpoint, when to stop, and what to resume.
+
+* **Resume**: rank 0 finds the checkpoint (``--resume auto|never|PATH``), verifies it and hands it to
+  every rank; resuming against different data or preprocessing is refused unless ``--force-resume``.
+* **Checkpoint**: every ``--checkpoint-every`` steps and/or ``--checkpoint-seconds``, at the end, and
+  when stopped by SIGTERM/SIGINT. Rank 0 alone writes, so the decision needs no collective.
+* **Stop**: a signal only raises a local flag; the flag travels in the step's allreduce, so every rank
+  stops after the *same* step even when the signals arrive at different moments (horovodrun forwards
+  SIGTERM to each rank and kills them 5 s later).
+
+Exit status after a signal: 128 + the signal number (143 for SIGTERM, 130 for SIGINT), after the
+final checkpoint is written; the job is resumable with the same command.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from dtrain import dist
+from dtrain.checkpoint import Checkpointer, CheckpointError, load
+from dtrain.config import Config, UserError
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, checkpoint_dir: str):
+        self.cfg = cfg
+        self.ckpt = Checkpointer(checkpoint_dir, keep=cfg.run.keep) if dist.is_main() else None
+        self.signal: int | None = None  # the signal received on this rank, if any
+        self._last_save = time.monotonic()
+        self._previous: dict[int, Any] = {}
+
+    # -- resume ---------------------------------------------------------------------------------------
+
+    def resume(self, fingerprint: str) -> dict[str, Any] | None:
+        """The trainer state to continue from (the same on every rank), or None to start afresh."""
+
+        def find() -> dict[str, Any] | None:
+            run = self.cfg.run
+            if run.resume == "never" or self.ckpt is None:
+                return None
+            if run.resume == "auto":
+                found = self.ckpt.latest()
+                if found is None:
+                    return None
+                path, state = found
+            else:
+                path = run.resume
+                try:
+                    state = load(path)
+                except CheckpointError as e:
+                    raise UserError(f"--resume: {e}; pass a checkpoint directory, auto or never") from None
+            theirs = state["stats"]["fingerprint"]
+            if theirs != fingerprint and not run.force_resume:
+                raise UserError(
+                    f"--resume: {path} was trained on different data or preprocessing "
+                    f"(fingerprint {theirs[:12]} vs {fingerprint[:12]}); use the same data flags, "
+                    "--resume never, or --force-resume"
+                )
+            log.info("resuming from %s (step %d)", path, state["global_step"])
+            return state
+
+        return dist.run_on_main(find, name="resume")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def due(self, global_step: int) -> bool:
+        """Whether rank 0 should checkpoint after ``global_step`` (other ranks never write)."""
+        run = self.cfg.run
+        if self.ckpt is None:
+            return False
+        if run.checkpoint_every and global_step % run.checkpoint_every == 0:
+            return True
+        return bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds
+
+    def save(self, global_step: int, state: Callable[[], dict[str, Any]], meta: dict[str, Any],
+             sync: bool = False) -> None:
+        if self.ckpt is None:
+            return
+        if sync:
+            self.ckpt.wait()
+            self.ckpt.write(global_step, state(), meta)
+        else:
+            self.ckpt.save_async(global_step, state(), meta)
+            log.debug("checkpoint %d: loop blocked %.1f ms", global_step, 1e3 * self.ckpt.last_block_seconds)
+        self._last_save = time.monotonic()
+
+    def close(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.wait()
+
+    # -- stopping -------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self.signal is not None:  # a second signal: stop now, the hard way
+                signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+                signal.raise_signal(signum)
+                return
+            self.signal = signum
+            log.warning("%s received: stopping after this step with a checkpoint",
+                        signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    @property
+    def stop_flag(self) -> float:
+        """This rank's vote to stop, summed across ranks in the step's allreduce."""
+        return 1.0 if self.signal is not None else 0.0
