@@ -172,6 +172,7 @@ class RunConfig:
 
     run_dir: str | None = doc(None, "run directory (default: runs/<timestamp>)")
     resume: str = doc("auto", "auto (latest good checkpoint in the run dir), never, or a checkpoint path")
+    checkpoint_dir: str | None = doc(None, "checkpoint location: a path or fsspec URL (default: <run dir>/checkpoints)")
     checkpoint_every: int = doc(0, "checkpoint every N steps (0: only at the end and when stopped)")
     checkpoint_seconds: float = doc(0.0, "also checkpoint when this many seconds passed since the last (0: off)")
     keep: int = doc(3, "checkpoints to keep")

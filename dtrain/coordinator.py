@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Coordinator:
     def __init__(self, cfg: Config, checkpoint_dir: str):
         self.cfg = cfg
+        self.location = checkpoint_dir
         self.ckpt = Checkpointer(checkpoint_dir, keep=cfg.run.keep) if dist.is_main() else None
         self.signal: int | None = None  # the signal received on this rank, if any
         self._last_save = time.monotonic()

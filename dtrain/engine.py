@@ -30,7 +30,7 @@ import dtrain
 from dtrain import dist, models
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
-from dtrain.config import Config
+from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
 from dtrain.data import Dataset, Stats, open_source
 from dtrain.plan import EpochPlan, Position, validate_world
@@ -155,16 +155,16 @@ def run(cfg: Config) -> dict[str, Any]:
     seed = cfg.train.seed
     run_dir = RunDir(_run_dir(cfg), enabled=dist.is_main(), audit_dir=cfg.data.audit_dir, rank=rank)
     run_dir.write_config(cfg)
-    coord = Coordinator(cfg, run_dir.checkpoints)
+    coord = Coordinator(cfg, cfg.run.checkpoint_dir or run_dir.checkpoints)
     coord.install_signal_handlers()
 
     with connect(cfg.cluster) as client:
         # Data: statistics computed once by the cluster (rank 0 asks), the same numbers on every rank.
         dataset = Dataset(open_source(cfg.data, seed), cfg.data, seed)
         resumed = coord.resume(dataset.token)
-        if resumed is not None:
-            stats = Stats(**resumed["stats"])
-        else:
+        if resumed is not None and resumed["stats"]["fingerprint"] == dataset.token:
+            stats = Stats(**resumed["stats"])  # the very numbers the checkpoint was trained with
+        else:  # a fresh run, or --force-resume onto different data: that data's own statistics
             stats = dist.run_on_main(dataset.compute_stats, name="stats")
         dataset.use_stats(stats)
         validate_world(stats.train_rows, world)
@@ -190,10 +190,16 @@ def run(cfg: Config) -> dict[str, Any]:
         total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
         pos, global_step, samples = Position(), 0, 0
         if resumed is not None:
-            model.load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
+            try:
+                model.load_state_dict(resumed["model"])
+                optimizer.load_state_dict(resumed["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
+                                f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
             pos = Position(**resumed["position"])
             global_step, samples = resumed["global_step"], resumed["samples"]
+            if pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data: the epoch is over
+                pos = Position(pos.epoch + 1, 0)
         dist.broadcast_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -278,7 +284,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
             checkpoint(sync=True)
             coord.close()
-            log.warning("stopped at step %d; checkpoint saved in %s", global_step, run_dir.checkpoints)
+            log.warning("stopped at step %d; checkpoint saved in %s", global_step, coord.location)
             run_dir.close()
             raise SystemExit(128 + (coord.signal or signal.SIGTERM))
         if final_eval is None:
