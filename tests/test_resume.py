@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import HOROVODRUN, PYTHON, REPO, _env
 
 from dtrain.checkpoint import Checkpointer
-
-from conftest import HOROVODRUN, PYTHON, REPO, _env
 
 # ~1100 steps at batch 64 over 2 epochs: long enough to interrupt, short enough for CI.
 ARGS = ["--gen-rows", "40000", "--gen-partitions", "8", "--global-batch-size", "64", "--hidden", "64,64",
@@ -55,10 +55,8 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes], time
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     parent = psutil.Process(proc.pid)
     for p in [*parent.children(recursive=True), parent]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     proc.wait(timeout=30)
 
 
