@@ -36,7 +36,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 MODELS = ("mlp", "linear", "logistic", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "invscaling")
 _USER_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -132,11 +132,17 @@ class OptimConfig:
     weight_decay: float = doc(0.0, "weight decay (decoupled for AdamW)")
     schedule: str = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
     warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
+    power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
+    compression: str = doc("none", "gradient compression for the allreduce: none or fp16")
+    reduction: str = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("compression", self.compression, ("none", "fp16"))
+        _choice("reduction", self.reduction, ("sum", "adasum"))
+        _positive("power_t", self.power_t, zero_ok=True)
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
         _positive("warmup_steps", self.warmup_steps, zero_ok=True)
@@ -152,6 +158,10 @@ class TrainConfig:
 
     mode: str = doc("minibatch", "minibatch (epochs over shuffled data) or online (one pass in arrival order)")
     global_batch_size: int = doc(256, "rows per optimizer step across all ranks (fixed whatever the world size)")
+    batch_per_rank: int | None = doc(None, "opt-in: rows per rank per step instead; --lr is scaled by the ranks")
+    accumulate: int = doc(1, "micro-batches per rank per step, one allreduce (Horovod's backward_passes_per_step)")
+    sync_every: int = doc(1, "local SGD: average parameters every k steps instead of allreducing every step")
+    amp: bool = doc(False, "mixed precision (torch.autocast, bfloat16) on GPU")
     epochs: int = doc(3, "passes over the training split (online mode: 1)")
     max_steps: int | None = doc(None, "stop after this many optimizer steps in total")
     seed: int = doc(0, "seed for data order, model initialisation and dropout")
@@ -160,8 +170,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("minibatch", "online"))
-        for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size"):
+        for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size", "accumulate", "sync_every"):
             _positive(name, getattr(self, name))
+        if self.batch_per_rank is not None:
+            _positive("batch_per_rank", self.batch_per_rank)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
 

@@ -112,11 +112,50 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def allreduce_sum_(tensors: Sequence[torch.Tensor], name: str = "grads") -> None:
-    """Sum ``tensors`` in place across ranks, all in one fused collective."""
+def allreduce_sum_(tensors: Sequence[torch.Tensor], name: str = "grads", compression: str = "none",
+                   uncompressed: Sequence[torch.Tensor] = ()) -> None:
+    """Sum ``tensors`` and ``uncompressed`` in place across ranks, all in one fused collective.
+
+    ``compression="fp16"`` sends ``tensors`` as float16 (half the bytes), as Horovod's
+    ``Compression.fp16`` does; ``uncompressed`` (e.g. loss sums and counts, which float16 would
+    overflow or round) always travel at full precision.
+    """
+    if not is_distributed() or not (tensors or uncompressed):
+        return
+    if compression == "fp16":
+        wire = [t.to(torch.float16) if t.is_floating_point() else t for t in tensors]
+        _hvd.grouped_allreduce_([*wire, *uncompressed], op=_hvd.Sum, name=name)
+        for t, w in zip(tensors, wire, strict=True):
+            if w is not t:
+                t.copy_(w)
+        return
+    _hvd.grouped_allreduce_([*tensors, *uncompressed], op=_hvd.Sum, name=name)
+
+
+def allreduce_average_(tensors: Sequence[torch.Tensor], name: str = "params") -> None:
+    """Average ``tensors`` in place across ranks (local SGD's parameter averaging)."""
+    if is_distributed() and tensors:
+        _hvd.grouped_allreduce_(list(tensors), op=_hvd.Average, name=name)
+
+
+def adasum_(tensors: Sequence[torch.Tensor], name: str = "grads") -> None:
+    """Combine per-rank gradients in place with Adasum (needs Horovod built with MPI or NCCL)."""
     if not is_distributed() or not tensors:
         return
-    _hvd.grouped_allreduce_(list(tensors), op=_hvd.Sum, name=name)
+    try:
+        _hvd.grouped_allreduce_(list(tensors), op=_hvd.Adasum, name=name)
+    except Exception as e:  # Horovod raises HorovodInternalError("No Adasum operation enabled")
+        from dtrain.config import UserError
+
+        raise UserError(f"--reduction adasum: this Horovod cannot ({e}); build it with MPI or NCCL "
+                        "(DTRAIN_WITH_NCCL=1 launch/setup.sh) or use --reduction sum") from None
+
+
+def allgather_object(obj: T, name: str = "gather") -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    return list(_hvd.allgather_object(obj, name=name))
 
 
 def allreduce_sum(values: Sequence[float], name: str = "scalars") -> list[float]:

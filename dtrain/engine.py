@@ -80,6 +80,23 @@ def correct(task: str, out: torch.Tensor, y: torch.Tensor) -> float:
     return float((out.argmax(dim=1) == y).sum())
 
 
+def forward_backward(model: nn.Module, batch: Batch, task: str, micro_batches: int, denominator: int,
+                     amp: bool) -> tuple[float, float]:
+    """Forward and backward over this rank's rows in ``micro_batches`` pieces (gradients accumulate).
+
+    Returns the loss *sum* and the number of correct predictions (made before the update).
+    """
+    total, right = 0.0, 0.0
+    for x, y in zip(batch.x.tensor_split(micro_batches), batch.y.tensor_split(micro_batches), strict=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+            loss = loss_sum(task, out.float(), y)
+        (loss / denominator).backward()
+        total += float(loss.detach())
+        right += correct(task, out, y)
+    return total, right
+
+
 def step_seed(seed: int, global_step: int, rank: int) -> int:
     # Dropout's randomness is a function of (seed, step, rank): resuming needs no RNG state and
     # reproduces an uninterrupted run exactly.
@@ -181,8 +198,13 @@ def run(cfg: Config) -> dict[str, Any]:
         optimizer = make_optimizer(cfg, model.parameters())
         epochs = 1 if online else cfg.train.epochs
 
+        # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
+        # into a per-rank batch with the linear scaling rule.
+        global_batch = cfg.train.batch_per_rank * world if cfg.train.batch_per_rank else cfg.train.global_batch_size
+        lr_scale = world if cfg.train.batch_per_rank else 1
+
         def plan(epoch: int) -> EpochPlan:
-            return EpochPlan(tuple(stats.train_sizes), cfg.train.global_batch_size, seed, epoch,
+            return EpochPlan(tuple(stats.train_sizes), global_batch, seed, epoch,
                              shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
                              drop_last=cfg.data.drop_last)
 
@@ -202,6 +224,16 @@ def run(cfg: Config) -> dict[str, Any]:
                 pos = Position(pos.epoch + 1, 0)
         dist.broadcast_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # every rank must offer the same tensors to the allreduce, used or not
+            p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
+        local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
+        amp = cfg.train.amp and device.type == "cuda"
+        if cfg.train.amp and not amp:
+            log.warning("--amp: no GPU, training in float32")
+        if adasum:
+            dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
 
         def trainer_state() -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -215,9 +247,12 @@ def run(cfg: Config) -> dict[str, Any]:
 
         log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, run dir %s",
                  rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs, run_dir.path)
-        meter, last_loss = Meter(), float("nan")
+        meter, total = Meter(), Meter()  # since the last metrics line; since the start of this process
+        last_loss = float("nan")
         final_eval: dict[str, float] | None = None  # the last evaluation, while still current
-        allreduce_buf = torch.zeros(3, dtype=torch.float32, device=device)
+        # Loss sum, correct predictions, rows and stop votes, combined across ranks with the gradients.
+        counts = torch.zeros(4, dtype=torch.float32, device=device)
+        syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
         stop = False
         model.train()
 
@@ -229,43 +264,64 @@ def run(cfg: Config) -> dict[str, Any]:
             batch: Batch
             for batch in train.batches(plan(epoch), start_step, y_dtype):
                 for g in optimizer.param_groups:
-                    g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
+                    g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, global_step, total_steps)
                 torch.manual_seed(step_seed(seed, global_step, rank))
                 optimizer.zero_grad(set_to_none=False)
-                out = model(batch.x)
-                loss = loss_sum(stats.task, out, batch.y)
-                # (2) a sum over this rank's rows / rows of the global batch; summed across ranks below.
-                (loss / batch.global_rows).backward()
-                allreduce_buf[0] = loss.detach()
-                allreduce_buf[1] = correct(stats.task, out, batch.y)  # online: predicted before trained on
-                allreduce_buf[2] = coord.stop_flag  # a signal on any rank stops every rank after this step
-                # (3) one fused collective: gradients + loss + accuracy counts.
-                dist.allreduce_sum_([*(p.grad for p in params if p.grad is not None), allreduce_buf])
+                # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
+                # for: the whole global batch when gradients are summed across ranks, its own rows
+                # when each rank steps alone (local SGD) or Adasum combines per-rank means.
+                per_rank = local_sgd or adasum
+                loss, right = forward_backward(model, batch, stats.task, cfg.train.accumulate,
+                                               max(batch.rows, 1) if per_rank else batch.global_rows, amp)
+                counts += torch.tensor([loss, right, batch.rows, 0.0], device=device)
+                sync = not local_sgd or (global_step + 1) % cfg.train.sync_every == 0 \
+                    or global_step + 1 >= total_steps
+                if sync:
+                    counts[3] = coord.stop_flag  # a signal on any rank stops every rank after this step
+                if not local_sgd:
+                    # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
+                    if adasum:
+                        dist.adasum_(grads)
+                        dist.allreduce_sum_([counts], name="counts")
+                    else:
+                        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
+                    syncs += 1
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()
+                if local_sgd and sync:
+                    # (3') local SGD: average the models every k steps, counts riding along.
+                    dist.allreduce_sum_([*averaged, counts], name="average")
+                    for t in averaged:
+                        t.div_(world)
+                    syncs += 1
 
                 global_step += 1
                 samples += batch.global_rows
                 pos = Position(epoch, batch.step + 1)
-                meter.add(float(allreduce_buf[0]), float(allreduce_buf[1]), batch.global_rows)
-                stop = float(allreduce_buf[2]) > 0
                 final_eval = None
                 if run_dir.audit:
                     run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
-                if global_step % cfg.train.log_every == 0 or global_step == total_steps:
+                if sync:
+                    loss_sum_, right_, rows_, votes = counts.tolist()
+                    meter.add(loss_sum_, right_, int(rows_))
+                    total.add(loss_sum_, right_, int(rows_))
+                    stop = votes > 0
+                    counts.zero_()
+                if meter.rows and (global_step % cfg.train.log_every == 0 or global_step == total_steps):
                     last_loss = meter.loss / meter.rows
                     now = time.perf_counter()
                     record = {"step": global_step, "epoch": epoch, "samples": samples, "loss": last_loss,
                               "lr": optimizer.param_groups[0]["lr"],
-                              "samples_per_sec": meter.rows / max(now - meter.since, 1e-9), "world_size": world}
-                    if stats.task == "classification":
-                        record["accuracy" if not online else "progressive_accuracy"] = meter.correct / meter.rows
+                              "samples_per_sec": meter.rows / max(now - meter.since, 1e-9), "world_size": world,
+                              "syncs": syncs}
+                    if stats.task == "classification":  # online: each row predicted before trained on
+                        record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
                     run_dir.metrics(record)
                     meter = Meter()
                 if stop or global_step >= total_steps:
                     break
-                if coord.due(global_step):
+                if sync and coord.due(global_step):  # after a sync every rank holds the same model
                     checkpoint()
             else:
                 pos = Position(epoch + 1, 0)  # epoch finished: the next one starts at its first step
@@ -292,15 +348,20 @@ def run(cfg: Config) -> dict[str, Any]:
         checkpoint(sync=True)
         coord.close()
 
+        state = model.state_dict()
+        rank_hashes = dist.allgather_object(model_sha256(state), name="model-hash")
     wall = time.perf_counter() - t_start
-    state = model.state_dict()
     summary = {
         "steps": global_step, "epochs": pos.epoch + (pos.step > 0), "samples": samples, "world_size": world,
         "final_loss": last_loss, "eval_loss": final_eval.get("eval_loss"),
         "eval_accuracy": final_eval.get("eval_accuracy"), "eval_r2": final_eval.get("eval_r2"),
-        "wall_seconds": wall, "samples_per_sec": samples / wall, "model_sha256": model_sha256(state),
-        "mode": cfg.train.mode, "task": stats.task,
+        "wall_seconds": wall, "samples_per_sec": samples / wall, "model_sha256": rank_hashes[0],
+        "mode": cfg.train.mode, "task": stats.task, "syncs": syncs,
+        "ranks_identical": len(set(rank_hashes)) == 1,
     }
+    if online and stats.task == "classification" and total.rows:
+        summary["progressive_accuracy"] = total.correct / total.rows
+        summary["progressive_loss"] = total.loss / total.rows
     run_dir.save_model(state)
     run_dir.write_json("summary.json", summary)
     run_dir.close()

@@ -44,7 +44,7 @@ def test_two_ranks_write_complete_run_dir(horovodrun):
     assert "done:" in res.ranks[0] and "done:" not in res.ranks.get(1, "")
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_two_ranks_follow_one_process(horovodrun, dtrain_local, tmp_path, optimizer):
     """Guarantee 2: np=2 with global batch B ends where one process with batch B ends."""
     args = [*SMALL, "--epochs", "2", "--optimizer", optimizer, "--lr", "0.05" if optimizer == "sgd" else "0.003",
@@ -53,6 +53,7 @@ def test_two_ranks_follow_one_process(horovodrun, dtrain_local, tmp_path, optimi
     two = horovodrun(args, run_dir=tmp_path / "two").check()
     assert one.summary()["steps"] == two.summary()["steps"] > 0
     assert max_rel_diff(load_params(two.run_dir), load_params(one.run_dir)) < 1e-5
+    assert two.summary()["ranks_identical"] is True  # byte-identical parameters on every rank
     assert abs(one.summary()["eval_loss"] - two.summary()["eval_loss"]) < 1e-4
 
 
