@@ -84,6 +84,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(config)
     except UserError as e:
         _fail(str(e))
+    except Exception as e:
+        from dtrain import dist
+
+        if not dist.peer_failure(e):
+            raise
+        # Another rank failed and printed its traceback; one more from every survivor is noise.
+        print(f"dtrain: error: rank {dist.rank()} stopped because another rank failed; "
+              "see that rank's traceback above", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _local_cluster(cfg: ClusterConfig) -> LocalCluster:
         threads_per_worker=max(1, cores // workers),
         processes=True,
         memory_limit=memory,
-        dashboard_address=None,
+        dashboard_address=":0",  # any free port: a fixed 8787 collides with other clusters
         host="127.0.0.1",
         silence_logs=logging.WARNING,
     )
@@ -62,8 +62,11 @@ def connect(cfg: ClusterConfig) -> Iterator[Client]:
     client = _connect(address, cfg.connect_timeout)
     try:
         yield client
+        # Wait until no rank needs the cluster. Only on success: after an error the other ranks may
+        # be inside a different collective, and a barrier here would deadlock the job instead of
+        # letting this rank exit (horovodrun then stops the others).
+        dist.barrier()
     finally:
         client.close()
-        dist.barrier()  # nobody still needs the cluster
         if cluster is not None:
             cluster.close()

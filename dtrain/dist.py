@@ -201,3 +201,13 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
     if not ok:
         raise value
     return value
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is Horovod reporting that another rank failed (its traceback is shown there)."""
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:
+        return False
+    text = str(error)
+    return isinstance(error, HorovodInternalError) or "Horovod has been shut down" in text

@@ -65,6 +65,8 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if o.schedule == "step":  # x0.1 at each third of training
         return 0.1 ** int(min(progress, 0.999) * 3)
+    if o.schedule == "invscaling":  # online learning: lr / (1 + t)^power_t, t counted after warm-up
+        return float((1 + step - o.warmup_steps) ** -o.power_t)
     return 1.0
 
 
@@ -184,7 +186,10 @@ def run(cfg: Config) -> dict[str, Any]:
         else:  # a fresh run, or --force-resume onto different data: that data's own statistics
             stats = dist.run_on_main(dataset.compute_stats, name="stats")
         dataset.use_stats(stats)
-        validate_world(stats.train_rows, world)
+        try:
+            validate_world(stats.train_rows, world)
+        except ValueError as e:
+            raise UserError(f"--data: {e}") from None
         run_dir.write_json("stats.json", stats.to_dict())
         y_dtype = np.dtype(np.int64 if stats.task == "classification" else np.float32)
         train = Stream(client, dataset.partitions("train"), len(stats.features), rank, world,

@@ -435,3 +435,18 @@ def test_every_field_is_settable_from_the_command_line() -> None:
     assert cli.parse_config(argv) == defaults
     # Nothing given, nothing set: YAML values are not overwritten by parser defaults.
     assert vars(cli.build_parser().parse_args([])) == {}
+
+
+def test_lr_schedules() -> None:
+    from dtrain.config import OptimConfig
+    from dtrain.engine import lr_factor
+
+    def cfg(**kw: object) -> Config:
+        return Config(optim=OptimConfig(**kw))  # type: ignore[arg-type]
+
+    assert [lr_factor(cfg(warmup_steps=4), s, 100) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(cfg(schedule="cosine"), 0, 100) == 1.0
+    assert lr_factor(cfg(schedule="cosine"), 100, 100) == pytest.approx(0.0)
+    assert lr_factor(cfg(schedule="step"), 50, 100) == pytest.approx(0.1)
+    inv = cfg(schedule="invscaling", power_t=0.5)
+    assert [lr_factor(inv, s, 100) for s in (0, 3, 99)] == pytest.approx([1.0, 0.5, 0.1])
