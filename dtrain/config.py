@@ -189,10 +189,13 @@ class RunConfig:
     checkpoint_seconds: float = doc(0.0, "also checkpoint when this many seconds passed since the last (0: off)")
     keep: int = doc(3, "checkpoints to keep")
     force_resume: bool = doc(False, "resume even if the checkpoint was trained on different data")
+    progress_seconds: float = doc(10.0, "without a terminal: a progress log line at most every N seconds")
+    verbose: bool = doc(False, "let every rank log, not only rank 0")
 
     def __post_init__(self) -> None:
         _positive("checkpoint_every", self.checkpoint_every, zero_ok=True)
         _positive("checkpoint_seconds", self.checkpoint_seconds, zero_ok=True)
+        _positive("progress_seconds", self.progress_seconds)
         _positive("keep", self.keep)
 
 

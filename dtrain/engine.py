@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
 from dtrain.data import Dataset, Stats, open_source
 from dtrain.plan import EpochPlan, Position, validate_world
+from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.stream import Batch, Stream
 
@@ -113,13 +115,33 @@ class Meter:
     correct: float = 0.0
     rows: int = 0
     steps: int = 0
+    data_wait: float = 0.0  # seconds the loop waited for the stream
+    allreduce: float = 0.0  # seconds in collectives that combine the ranks' models
+    checkpoint: float = 0.0  # seconds the loop was blocked by checkpoints
     since: float = field(default_factory=time.perf_counter)
+
+    def timing(self, now: float) -> dict[str, float]:
+        wall = max(now - self.since, 1e-9)
+        return {"samples_per_sec": self.rows / wall, "data_stall": self.data_wait / wall,
+                "allreduce_share": self.allreduce / wall, "checkpoint_seconds": self.checkpoint}
 
     def add(self, loss: float, correct: float, rows: int) -> None:
         self.loss += loss
         self.correct += correct
         self.rows += rows
         self.steps += 1
+
+
+def timed(batches: Iterator[Batch], meter: Callable[[], Meter]) -> Iterator[Batch]:
+    """``batches``, adding the time spent waiting for each one to the current meter."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        meter().data_wait += time.perf_counter() - t0
+        yield batch
 
 
 def evaluate(model: nn.Module, stream: Stream, sizes: list[int], cfg: Config, stats: Stats) -> dict[str, float]:
@@ -167,7 +189,7 @@ def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     dist.init()
     rank, world = dist.rank(), dist.size()
-    if rank != 0:  # only rank 0 reports progress; the others speak up for warnings and errors
+    if rank != 0 and not cfg.run.verbose:  # only rank 0 reports; the others speak up for problems
         logging.getLogger("dtrain").setLevel(logging.WARNING)
     device = dist.device()
     online = cfg.train.mode == "online"
@@ -247,12 +269,18 @@ def run(cfg: Config) -> dict[str, Any]:
                     "world_size": world, "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
         def checkpoint(sync: bool = False) -> None:
+            t0 = time.perf_counter()
             meta = {"epoch": pos.epoch, "position_step": pos.step, "world_size": world}
             coord.save(global_step, trainer_state, meta, sync=sync)
+            meter.checkpoint += time.perf_counter() - t0
 
         log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, run dir %s",
                  rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs, run_dir.path)
         meter, total = Meter(), Meter()  # since the last metrics line; since the start of this process
+        progress = Progress(dist.is_main(), cfg.run.progress_seconds)
+
+        def current_meter() -> Meter:
+            return meter
         last_loss = float("nan")
         final_eval: dict[str, float] | None = None  # the last evaluation, while still current
         # Loss sum, correct predictions, rows and stop votes, combined across ranks with the gradients.
@@ -266,8 +294,9 @@ def run(cfg: Config) -> dict[str, Any]:
             if global_step >= total_steps:
                 break
             start_step = pos.step if epoch == pos.epoch else 0
+            progress.start_epoch(epoch, steps_per_epoch, start_step)
             batch: Batch
-            for batch in train.batches(plan(epoch), start_step, y_dtype):
+            for batch in timed(train.batches(plan(epoch), start_step, y_dtype), current_meter):
                 for g in optimizer.param_groups:
                     g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, global_step, total_steps)
                 torch.manual_seed(step_seed(seed, global_step, rank))
@@ -285,21 +314,25 @@ def run(cfg: Config) -> dict[str, Any]:
                     counts[3] = coord.stop_flag  # a signal on any rank stops every rank after this step
                 if not local_sgd:
                     # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
+                    t_sync = time.perf_counter()
                     if adasum:
                         dist.adasum_(grads)
                         dist.allreduce_sum_([counts], name="counts")
                     else:
                         dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
                     syncs += 1
+                    meter.allreduce += time.perf_counter() - t_sync
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()
                 if local_sgd and sync:
                     # (3') local SGD: average the models every k steps, counts riding along.
+                    t_sync = time.perf_counter()
                     dist.allreduce_sum_([*averaged, counts], name="average")
                     for t in averaged:
                         t.div_(world)
                     syncs += 1
+                    meter.allreduce += time.perf_counter() - t_sync
 
                 global_step += 1
                 samples += batch.global_rows
@@ -315,14 +348,13 @@ def run(cfg: Config) -> dict[str, Any]:
                     counts.zero_()
                 if meter.rows and (global_step % cfg.train.log_every == 0 or global_step == total_steps):
                     last_loss = meter.loss / meter.rows
-                    now = time.perf_counter()
                     record = {"step": global_step, "epoch": epoch, "samples": samples, "loss": last_loss,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "samples_per_sec": meter.rows / max(now - meter.since, 1e-9), "world_size": world,
-                              "syncs": syncs}
+                              "lr": optimizer.param_groups[0]["lr"], "world_size": world, "syncs": syncs,
+                              **meter.timing(time.perf_counter())}
                     if stats.task == "classification":  # online: each row predicted before trained on
                         record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
                     run_dir.metrics(record)
+                    progress.update(batch.step + 1, last_loss, record["samples_per_sec"])
                     meter = Meter()
                 if stop or global_step >= total_steps:
                     break
@@ -330,6 +362,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     checkpoint()
             else:
                 pos = Position(epoch + 1, 0)  # epoch finished: the next one starts at its first step
+            progress.close()
             if stop:
                 break
             if not online:

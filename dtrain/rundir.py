@@ -24,6 +24,7 @@ class RunDir:
         self.checkpoints = os.path.join(path, "checkpoints")
         self._metrics: IO[str] | None = None
         self._audit: IO[str] | None = None
+        self._tensorboard: Any = None  # a SummaryWriter once tried and available, False if not
         if enabled:
             try:
                 os.makedirs(path, exist_ok=True)
@@ -58,6 +59,22 @@ class RunDir:
             self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a")  # noqa: SIM115
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        tb = self._tb()
+        if tb:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    tb.add_scalar(key, value, record["step"])
+
+    def _tb(self) -> Any:
+        """TensorBoard event files in the run dir, when tensorboard is installed."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(log_dir=os.path.join(self.path, "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        return self._tensorboard
 
     def audit_rows(self, rank: int, epoch: int, step: int, row_ids: np.ndarray) -> None:
         assert self._audit is not None
@@ -73,3 +90,5 @@ class RunDir:
         for f in (self._metrics, self._audit):
             if f is not None:
                 f.close()
+        if self._tensorboard:
+            self._tensorboard.close()
