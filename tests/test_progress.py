@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, _env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
