@@ -162,6 +162,7 @@ class TrainConfig:
     accumulate: int = doc(1, "micro-batches per rank per step, one allreduce (Horovod's backward_passes_per_step)")
     sync_every: int = doc(1, "local SGD: average parameters every k steps instead of allreducing every step")
     amp: bool = doc(False, "mixed precision (torch.autocast, bfloat16) on GPU")
+    commit_every: int = doc(20, "elastic runs: commit the training state in memory every N steps")
     epochs: int = doc(3, "passes over the training split (online mode: 1)")
     max_steps: int | None = doc(None, "stop after this many optimizer steps in total")
     seed: int = doc(0, "seed for data order, model initialisation and dropout")
@@ -170,7 +171,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("minibatch", "online"))
-        for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size", "accumulate", "sync_every"):
+        for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size", "accumulate", "sync_every",
+                     "commit_every"):
             _positive(name, getattr(self, name))
         if self.batch_per_rank is not None:
             _positive("batch_per_rank", self.batch_per_rank)

@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
+    @property
+    def ckpt(self) -> Checkpointer | None:
+        """Rank 0's checkpointer (rank 0 can change in elastic runs); None on the other ranks."""
+        return self._ckpt if dist.is_main() else None
+
     def __init__(self, cfg: Config, checkpoint_dir: str):
         self.cfg = cfg
         self.location = checkpoint_dir
-        self.ckpt = Checkpointer(checkpoint_dir, keep=cfg.run.keep) if dist.is_main() else None
+        self._ckpt = Checkpointer(checkpoint_dir, keep=cfg.run.keep)
         self.signal: int | None = None  # the signal received on this rank, if any
         self._last_save = time.monotonic()
         self._previous: dict[int, Any] = {}
@@ -93,8 +98,7 @@ class Coordinator:
         self._last_save = time.monotonic()
 
     def close(self) -> None:
-        if self.ckpt is not None:
-            self.ckpt.wait()
+        self._ckpt.wait()
 
     # -- stopping -------------------------------------------------------------------------------------
 

@@ -190,7 +190,12 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
 
     Every rank must reach the broadcast even when rank 0 fails, or the others would wait forever:
     the exception travels instead of the result and is raised everywhere.
+
+    Elastic runs allow no collective outside the elastic loop (a worker joining later would wait in
+    it forever), so there every rank runs ``fn`` itself: callers pass deterministic work only.
     """
+    if is_elastic():
+        return fn()
     outcome: tuple[bool, Any] = (True, None)
     if is_main():
         try:
@@ -211,3 +216,81 @@ def peer_failure(error: BaseException) -> bool:
         return False
     text = str(error)
     return isinstance(error, HorovodInternalError) or "Horovod has been shut down" in text
+
+
+# -- elastic training -------------------------------------------------------------------------------
+
+
+def is_elastic() -> bool:
+    """Launched by an elastic horovodrun (--min-np/--max-np/--host-discovery-script)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+class LocalState:
+    """The training state of a fixed world: attributes, no commits, no rollbacks."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **attrs: Any):
+        self.model, self.optimizer = model, optimizer
+        self.__dict__.update(attrs)
+
+    def commit(self) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+    def register_reset_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
+        pass
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **attrs: Any) -> Any:
+    """What a rollback restores and a joining rank receives: model, optimizer and ``attrs``.
+
+    Elastic runs get a Horovod ``State`` whose ``sync`` broadcasts rank 0's model, optimizer state and
+    attributes as one object. (Horovod's ``TorchState`` instead calls ``broadcast_optimizer_state``,
+    which on a fresh optimizer takes a zero-gradient step: AdamW's weight decay then moves weights.)
+    """
+    if not is_elastic():
+        return LocalState(model, optimizer, **attrs)
+    import copy
+
+    from horovod.common.elastic import State
+
+    from dtrain.checkpoint import snapshot
+
+    class ElasticState(State):
+        def __init__(self) -> None:
+            self.model, self.optimizer = model, optimizer
+            self._names = list(attrs)
+            self.__dict__.update(attrs)
+            super().__init__(bcast_object=_hvd.broadcast_object, get_rank=_hvd.rank)
+            self.save()
+
+        def _capture(self) -> dict[str, Any]:
+            return {"model": snapshot(self.model.state_dict()), "optimizer": snapshot(self.optimizer.state_dict()),
+                    "attrs": {k: getattr(self, k) for k in self._names}}
+
+        def save(self) -> None:
+            self._saved = self._capture()
+
+        def restore(self) -> None:
+            self.model.load_state_dict(self._saved["model"])
+            self.optimizer.load_state_dict(copy.deepcopy(self._saved["optimizer"]))
+            self.__dict__.update(self._saved["attrs"])
+
+        def sync(self) -> None:
+            self._saved = _hvd.broadcast_object(self._capture() if _hvd.rank() == 0 else None, root_rank=0,
+                                                name="elastic-state")
+            self.restore()
+
+    return ElasticState()
+
+
+def run_elastic(fn: Callable[[Any], T], state: Any) -> T:
+    """``fn(state)``, restarted by Horovod after every world change (elastic runs), or called once."""
+    if not is_elastic():
+        return fn(state)
+    import horovod.torch as hvd
+
+    result: T = hvd.elastic.run(fn)(state)
+    return result

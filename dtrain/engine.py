@@ -185,16 +185,30 @@ def _run_dir(cfg: Config) -> str:
 # -- the run --------------------------------------------------------------------------------------------
 
 
+def _check_elastic(cfg: Config) -> None:
+    if not dist.is_elastic():
+        return
+    if cfg.cluster.scheduler is None:
+        raise UserError("--scheduler: elastic runs need a Dask cluster that outlives any rank; start one "
+                        "(launch/dask_cluster.sh) and pass --scheduler tcp://HOST:PORT")
+    if cfg.run.run_dir is None:
+        raise UserError("--run-dir: elastic runs need an explicit run directory, shared by all hosts")
+    if cfg.train.batch_per_rank:
+        raise UserError("--batch-per-rank: not supported with elastic runs yet; use --global-batch-size")
+
+
 def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     dist.init()
-    rank, world = dist.rank(), dist.size()
-    if rank != 0 and not cfg.run.verbose:  # only rank 0 reports; the others speak up for problems
+    _check_elastic(cfg)
+    elastic = dist.is_elastic()
+    if dist.rank() != 0 and not cfg.run.verbose:  # only rank 0 reports; the others speak up for problems
         logging.getLogger("dtrain").setLevel(logging.WARNING)
     device = dist.device()
     online = cfg.train.mode == "online"
     seed = cfg.train.seed
-    run_dir = RunDir(_run_dir(cfg), enabled=dist.is_main(), audit_dir=cfg.data.audit_dir, rank=rank)
+    audit_name = f"worker-{os.getpid()}" if elastic else f"rank-{dist.rank()}"
+    run_dir = RunDir(_run_dir(cfg), dist.is_main, cfg.data.audit_dir, audit_name)
     run_dir.write_config(cfg)
     coord = Coordinator(cfg, cfg.run.checkpoint_dir or run_dir.checkpoints)
     coord.install_signal_handlers()
@@ -208,16 +222,9 @@ def run(cfg: Config) -> dict[str, Any]:
         else:  # a fresh run, or --force-resume onto different data: that data's own statistics
             stats = dist.run_on_main(dataset.compute_stats, name="stats")
         dataset.use_stats(stats)
-        try:
-            validate_world(stats.train_rows, world)
-        except ValueError as e:
-            raise UserError(f"--data: {e}") from None
         run_dir.write_json("stats.json", stats.to_dict())
         y_dtype = np.dtype(np.int64 if stats.task == "classification" else np.float32)
-        train = Stream(client, dataset.partitions("train"), len(stats.features), rank, world,
-                       cfg.data.prefetch, device)
-        val = Stream(client, dataset.partitions("val"), len(stats.features), rank, world,
-                     cfg.data.prefetch, device)
+        train_parts, val_parts = dataset.partitions("train"), dataset.partitions("val")
 
         # Model and optimizer: same seed everywhere, then (1) rank 0's parameters win.
         torch.manual_seed(seed)
@@ -227,8 +234,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
         # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
         # into a per-rank batch with the linear scaling rule.
-        global_batch = cfg.train.batch_per_rank * world if cfg.train.batch_per_rank else cfg.train.global_batch_size
-        lr_scale = world if cfg.train.batch_per_rank else 1
+        global_batch = cfg.train.batch_per_rank * dist.size() if cfg.train.batch_per_rank \
+            else cfg.train.global_batch_size
+        lr_scale = dist.size() if cfg.train.batch_per_rank else 1
 
         def plan(epoch: int) -> EpochPlan:
             return EpochPlan(tuple(stats.train_sizes), global_batch, seed, epoch,
@@ -237,7 +245,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
         steps_per_epoch = plan(0).num_steps
         total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
-        pos, global_step, samples = Position(), 0, 0
+
+        # What a rollback restores and a joining rank receives: the model, the optimizer and where
+        # training stands. The data position is (epoch, step) of the world-independent plan.
+        state = dist.training_state(model, optimizer, epoch=0, step=0, global_step=0, samples=0)
         if resumed is not None:
             try:
                 model.load_state_dict(resumed["model"])
@@ -246,10 +257,11 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
                                 f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
             pos = Position(**resumed["position"])
-            global_step, samples = resumed["global_step"], resumed["samples"]
             if pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data: the epoch is over
                 pos = Position(pos.epoch + 1, 0)
-        dist.broadcast_parameters(model)
+            state.epoch, state.step = pos.epoch, pos.step
+            state.global_step, state.samples = resumed["global_step"], resumed["samples"]
+            state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:  # every rank must offer the same tensors to the allreduce, used or not
             p.grad = torch.zeros_like(p)
@@ -259,148 +271,175 @@ def run(cfg: Config) -> dict[str, Any]:
         amp = cfg.train.amp and device.type == "cuda"
         if cfg.train.amp and not amp:
             log.warning("--amp: no GPU, training in float32")
-        if adasum:
-            dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
 
         def trainer_state() -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "position": {"epoch": pos.epoch, "step": pos.step}, "global_step": global_step,
-                    "samples": samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
-                    "world_size": world, "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
+                    "position": {"epoch": state.epoch, "step": state.step}, "global_step": state.global_step,
+                    "samples": state.samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
+                    "world_size": dist.size(),
+                    "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
-        def checkpoint(sync: bool = False) -> None:
-            t0 = time.perf_counter()
-            meta = {"epoch": pos.epoch, "position_step": pos.step, "world_size": world}
-            coord.save(global_step, trainer_state, meta, sync=sync)
-            meter.checkpoint += time.perf_counter() - t0
+        def train(state: Any) -> dict[str, Any]:
+            """The loop, from wherever ``state`` stands. Elastic runs re-enter it after every world change,
+            with ``state`` rolled back to the last commit (a rank failed) or as committed (hosts changed)."""
+            rank, world = dist.rank(), dist.size()
+            dist.configure_threads()  # the ranks on this host may have changed
+            try:
+                validate_world(stats.train_rows, world)
+            except ValueError as e:
+                raise UserError(f"--data: {e}") from None
+            if adasum:
+                dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
+            if not elastic:
+                dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
+            train_stream = Stream(client, train_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
+            val_stream = Stream(client, val_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
+            log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, from step %d, run dir %s",
+                     rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs,
+                     state.global_step, run_dir.path)
+            meter, total = Meter(), Meter()  # since the last metrics line; since this (re)start
+            progress = Progress(dist.is_main(), cfg.run.progress_seconds)
+            last_loss = float("nan")
+            final_eval: dict[str, float] | None = None  # the last evaluation, while still current
+            # Loss sum, correct predictions, rows and stop votes, combined across ranks with the gradients.
+            counts = torch.zeros(4, dtype=torch.float32, device=device)
+            syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
+            stop = False
 
-        log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, run dir %s",
-                 rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs, run_dir.path)
-        meter, total = Meter(), Meter()  # since the last metrics line; since the start of this process
-        progress = Progress(dist.is_main(), cfg.run.progress_seconds)
+            def current_meter() -> Meter:
+                return meter
 
-        def current_meter() -> Meter:
-            return meter
-        last_loss = float("nan")
-        final_eval: dict[str, float] | None = None  # the last evaluation, while still current
-        # Loss sum, correct predictions, rows and stop votes, combined across ranks with the gradients.
-        counts = torch.zeros(4, dtype=torch.float32, device=device)
-        syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
-        stop = False
-        model.train()
+            def checkpoint(sync: bool = False) -> None:
+                t0 = time.perf_counter()
+                meta = {"epoch": state.epoch, "position_step": state.step, "world_size": world}
+                coord.save(state.global_step, trainer_state, meta, sync=sync)
+                meter.checkpoint += time.perf_counter() - t0
 
-        # ---- the loop ------------------------------------------------------------------------------
-        for epoch in range(pos.epoch, epochs):
-            if global_step >= total_steps:
-                break
-            start_step = pos.step if epoch == pos.epoch else 0
-            progress.start_epoch(epoch, steps_per_epoch, start_step)
-            batch: Batch
-            for batch in timed(train.batches(plan(epoch), start_step, y_dtype), current_meter):
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, global_step, total_steps)
-                torch.manual_seed(step_seed(seed, global_step, rank))
-                optimizer.zero_grad(set_to_none=False)
-                # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
-                # for: the whole global batch when gradients are summed across ranks, its own rows
-                # when each rank steps alone (local SGD) or Adasum combines per-rank means.
-                per_rank = local_sgd or adasum
-                loss, right = forward_backward(model, batch, stats.task, cfg.train.accumulate,
-                                               max(batch.rows, 1) if per_rank else batch.global_rows, amp)
-                counts += torch.tensor([loss, right, batch.rows, 0.0], device=device)
-                sync = not local_sgd or (global_step + 1) % cfg.train.sync_every == 0 \
-                    or global_step + 1 >= total_steps
-                if sync:
-                    counts[3] = coord.stop_flag  # a signal on any rank stops every rank after this step
-                if not local_sgd:
-                    # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
-                    t_sync = time.perf_counter()
-                    if adasum:
-                        dist.adasum_(grads)
-                        dist.allreduce_sum_([counts], name="counts")
-                    else:
-                        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
-                    syncs += 1
-                    meter.allreduce += time.perf_counter() - t_sync
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizer.step()
-                if local_sgd and sync:
-                    # (3') local SGD: average the models every k steps, counts riding along.
-                    t_sync = time.perf_counter()
-                    dist.allreduce_sum_([*averaged, counts], name="average")
-                    for t in averaged:
-                        t.div_(world)
-                    syncs += 1
-                    meter.allreduce += time.perf_counter() - t_sync
-
-                global_step += 1
-                samples += batch.global_rows
-                pos = Position(epoch, batch.step + 1)
-                final_eval = None
-                if run_dir.audit:
-                    run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
-                if sync:
-                    loss_sum_, right_, rows_, votes = counts.tolist()
-                    meter.add(loss_sum_, right_, int(rows_))
-                    total.add(loss_sum_, right_, int(rows_))
-                    stop = votes > 0
-                    counts.zero_()
-                if meter.rows and (global_step % cfg.train.log_every == 0 or global_step == total_steps):
-                    last_loss = meter.loss / meter.rows
-                    record = {"step": global_step, "epoch": epoch, "samples": samples, "loss": last_loss,
-                              "lr": optimizer.param_groups[0]["lr"], "world_size": world, "syncs": syncs,
-                              **meter.timing(time.perf_counter())}
-                    if stats.task == "classification":  # online: each row predicted before trained on
-                        record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
-                    run_dir.metrics(record)
-                    progress.update(batch.step + 1, last_loss, record["samples_per_sec"])
-                    meter = Meter()
-                if stop or global_step >= total_steps:
+            model.train()
+            # ---- the loop --------------------------------------------------------------------------
+            for epoch in range(state.epoch, epochs):
+                if state.global_step >= total_steps:
                     break
-                if sync and coord.due(global_step):  # after a sync every rank holds the same model
-                    checkpoint()
-            else:
-                pos = Position(epoch + 1, 0)  # epoch finished: the next one starts at its first step
-            progress.close()
-            if stop:
-                break
-            if not online:
-                final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
-                if final_eval:
-                    run_dir.metrics({"step": global_step, "epoch": epoch, "world_size": world, **final_eval})
-                    log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
-        # ---- end of the loop -----------------------------------------------------------------------
+                start_step = state.step if epoch == state.epoch else 0
+                progress.start_epoch(epoch, steps_per_epoch, start_step)
+                batch: Batch
+                for batch in timed(train_stream.batches(plan(epoch), start_step, y_dtype), current_meter):
+                    for g in optimizer.param_groups:
+                        g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps)
+                    torch.manual_seed(step_seed(seed, state.global_step, rank))
+                    optimizer.zero_grad(set_to_none=False)
+                    # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
+                    # for: the whole global batch when gradients are summed across ranks, its own rows
+                    # when each rank steps alone (local SGD) or Adasum combines per-rank means.
+                    per_rank = local_sgd or adasum
+                    loss, right = forward_backward(model, batch, stats.task, cfg.train.accumulate,
+                                                   max(batch.rows, 1) if per_rank else batch.global_rows, amp)
+                    counts += torch.tensor([loss, right, batch.rows, 0.0], device=device)
+                    sync = not local_sgd or (state.global_step + 1) % cfg.train.sync_every == 0 \
+                        or state.global_step + 1 >= total_steps
+                    if sync:
+                        counts[3] = coord.stop_flag  # a signal on any rank stops every rank after this step
+                    if not local_sgd:
+                        # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
+                        t_sync = time.perf_counter()
+                        if adasum:
+                            dist.adasum_(grads)
+                            dist.allreduce_sum_([counts], name="counts")
+                        else:
+                            dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
+                        syncs += 1
+                        meter.allreduce += time.perf_counter() - t_sync
+                    if cfg.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    optimizer.step()
+                    if local_sgd and sync:
+                        # (3') local SGD: average the models every k steps, counts riding along.
+                        t_sync = time.perf_counter()
+                        dist.allreduce_sum_([*averaged, counts], name="average")
+                        for t in averaged:
+                            t.div_(world)
+                        syncs += 1
+                        meter.allreduce += time.perf_counter() - t_sync
 
-        coord.restore_signal_handlers()
-        if meter.rows:
-            last_loss = meter.loss / meter.rows
-        if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
+                    state.global_step += 1
+                    state.samples += batch.global_rows
+                    state.epoch, state.step = epoch, batch.step + 1
+                    final_eval = None
+                    if run_dir.audit:
+                        run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
+                    if sync:
+                        loss_sum_, right_, rows_, votes = counts.tolist()
+                        meter.add(loss_sum_, right_, int(rows_))
+                        total.add(loss_sum_, right_, int(rows_))
+                        stop = votes > 0
+                        counts.zero_()
+                    if meter.rows and (state.global_step % cfg.train.log_every == 0
+                                       or state.global_step == total_steps):
+                        last_loss = meter.loss / meter.rows
+                        record = {"step": state.global_step, "time": time.time(), "epoch": epoch,
+                                  "samples": state.samples,
+                                  "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "world_size": world,
+                                  "syncs": syncs, **meter.timing(time.perf_counter())}
+                        if stats.task == "classification":  # online: each row predicted before trained on
+                            record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
+                        run_dir.metrics(record)
+                        progress.update(batch.step + 1, last_loss, record["samples_per_sec"])
+                        meter = Meter()
+                    if stop or state.global_step >= total_steps:
+                        break
+                    if sync and elastic and state.global_step % cfg.train.commit_every == 0:
+                        # (4) elastic: a commit to memory, also where changed hosts are noticed.
+                        state.commit()
+                    if sync and coord.due(state.global_step):  # after a sync every rank holds the same model
+                        checkpoint()
+                else:
+                    state.epoch, state.step = epoch + 1, 0  # epoch finished: the next starts at its first step
+                progress.close()
+                if stop:
+                    break
+                if not online:
+                    final_eval = evaluate(model, val_stream, stats.val_sizes, cfg, stats)
+                    if final_eval:
+                        run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": world,
+                                         **final_eval})
+                        log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
+            # ---- end of the loop -------------------------------------------------------------------
+
+            if meter.rows:
+                last_loss = meter.loss / meter.rows
+            if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
+                coord.restore_signal_handlers()
+                checkpoint(sync=True)
+                coord.close()
+                log.warning("stopped at step %d; checkpoint saved in %s", state.global_step, coord.location)
+                run_dir.close()
+                raise SystemExit(128 + (coord.signal or signal.SIGTERM))
+            if final_eval is None:
+                final_eval = evaluate(model, val_stream, stats.val_sizes, cfg, stats)
             checkpoint(sync=True)
-            coord.close()
-            log.warning("stopped at step %d; checkpoint saved in %s", global_step, coord.location)
-            run_dir.close()
-            raise SystemExit(128 + (coord.signal or signal.SIGTERM))
-        if final_eval is None:
-            final_eval = evaluate(model, val, stats.val_sizes, cfg, stats)
-        checkpoint(sync=True)
+            hashes = dist.allgather_object(model_sha256(model.state_dict()), name="model-hash")
+            result = {
+                "final_loss": last_loss, "eval_loss": final_eval.get("eval_loss"),
+                "eval_accuracy": final_eval.get("eval_accuracy"), "eval_r2": final_eval.get("eval_r2"),
+                "model_sha256": hashes[0], "ranks_identical": len(set(hashes)) == 1, "syncs": syncs,
+                "world_size": world,
+            }
+            if online and stats.task == "classification" and total.rows:
+                result["progressive_accuracy"] = total.correct / total.rows
+                result["progressive_loss"] = total.loss / total.rows
+            return result
+
+        outcome = dist.run_elastic(train, state)
+        coord.restore_signal_handlers()
         coord.close()
 
-        state = model.state_dict()
-        rank_hashes = dist.allgather_object(model_sha256(state), name="model-hash")
     wall = time.perf_counter() - t_start
     summary = {
-        "steps": global_step, "epochs": pos.epoch + (pos.step > 0), "samples": samples, "world_size": world,
-        "final_loss": last_loss, "eval_loss": final_eval.get("eval_loss"),
-        "eval_accuracy": final_eval.get("eval_accuracy"), "eval_r2": final_eval.get("eval_r2"),
-        "wall_seconds": wall, "samples_per_sec": samples / wall, "model_sha256": rank_hashes[0],
-        "mode": cfg.train.mode, "task": stats.task, "syncs": syncs,
-        "ranks_identical": len(set(rank_hashes)) == 1,
+        "steps": state.global_step, "epochs": state.epoch + (state.step > 0), "samples": state.samples,
+        "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
+        "mode": cfg.train.mode, "task": stats.task, **outcome,
     }
-    if online and stats.task == "classification" and total.rows:
-        summary["progressive_accuracy"] = total.correct / total.rows
-        summary["progressive_loss"] = total.loss / total.rows
-    run_dir.save_model(state)
+    run_dir.save_model(model.state_dict())
     run_dir.write_json("summary.json", summary)
     run_dir.close()
     if dist.is_main():

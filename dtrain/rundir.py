@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -18,21 +18,26 @@ from dtrain.config import Config, UserError
 
 
 class RunDir:
-    def __init__(self, path: str, enabled: bool = True, audit_dir: str | None = None, rank: int = 0):
+    def __init__(self, path: str, is_main: Callable[[], bool] = lambda: True, audit_dir: str | None = None,
+                 audit_name: str = "rank-0"):
         self.path = path
-        self.enabled = enabled
+        self._is_main = is_main  # asked at each write: rank 0 can change in elastic runs
         self.checkpoints = os.path.join(path, "checkpoints")
         self._metrics: IO[str] | None = None
         self._audit: IO[str] | None = None
         self._tensorboard: Any = None  # a SummaryWriter once tried and available, False if not
-        if enabled:
+        if self.enabled:
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as e:
                 raise UserError(f"--run-dir: cannot create {path!r} ({e.strerror}); choose a writable path") from None
         if audit_dir:
             os.makedirs(audit_dir, exist_ok=True)
-            self._audit = open(os.path.join(audit_dir, f"rank-{rank}.jsonl"), "a")  # noqa: SIM115
+            self._audit = open(os.path.join(audit_dir, f"{audit_name}.jsonl"), "a")  # noqa: SIM115
+
+    @property
+    def enabled(self) -> bool:
+        return self._is_main()
 
     @property
     def audit(self) -> bool:
@@ -79,6 +84,7 @@ class RunDir:
     def audit_rows(self, rank: int, epoch: int, step: int, row_ids: np.ndarray) -> None:
         assert self._audit is not None
         self._audit.write(json.dumps({"rank": rank, "epoch": epoch, "step": step, "rows": row_ids.tolist()}) + "\n")
+        self._audit.flush()  # a killed rank's last steps must still be on record
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
         if self.enabled:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,3 +111,42 @@ def dask_client() -> Iterator[Any]:
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
                       host="127.0.0.1") as cluster, Client(cluster) as client:
         yield client
+
+
+# -- long-running jobs that tests interrupt ---------------------------------------------------------
+
+
+def start_job(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session, output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(list(cmd), cwd=REPO, env=_env(env), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
+    """The complete step lines of a run's metrics so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}") and '"loss"' in line]
+
+
+def wait_for(what: str, check: Any, proc: subprocess.Popen[bytes], timeout: float = 200) -> Any:
+    """Poll ``check()`` until it returns something truthy; fail if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        assert proc.poll() is None, f"the job ended before {what}"
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and every process below it at once."""
+    parent = psutil.Process(proc.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)

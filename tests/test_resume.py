@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
@@ -11,9 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import HOROVODRUN, PYTHON, REPO, _env
+from conftest import HOROVODRUN, PYTHON, REPO, kill_tree, metrics_lines, start_job, wait_for
 
 from dtrain.checkpoint import Checkpointer
 
@@ -28,9 +26,7 @@ def _command(run_dir: Path) -> list[str]:
 
 
 def _start(run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(_command(run_dir), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return start_job(_command(run_dir), log)
 
 
 def _finish(run_dir: Path, log: Path) -> dict:
@@ -39,25 +35,14 @@ def _finish(run_dir: Path, log: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes], timeout: float = 200) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        if metrics.exists():
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
-            if steps and steps[-1] >= step and Checkpointer(str(run_dir / "checkpoints")).list():
-                return steps[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes]) -> int:
+    def reached() -> int | None:
+        lines = metrics_lines(run_dir)
+        if lines and lines[-1]["step"] >= step and Checkpointer(str(run_dir / "checkpoints")).list():
+            return int(lines[-1]["step"])
+        return None
 
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait(timeout=30)
+    return int(wait_for(f"step {step}", reached, proc))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +57,7 @@ def test_sigkill_whole_job_then_rerun_ends_with_same_model(reference, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log.txt"
     proc = _start(run, log)
     killed_at = _wait_for_step(run, 230, proc)
-    _kill_tree(proc)  # every process of the job at once: horovodrun, both ranks, the Dask workers
+    kill_tree(proc)  # every process of the job at once: horovodrun, both ranks, the Dask workers
     assert killed_at < reference["steps"]
     summary = _finish(run, log)
     assert "resuming from" in log.read_text()
