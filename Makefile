@@ -14,6 +14,7 @@ setup:
 	@bash launch/setup.sh
 
 run: setup
+	@$(PY) -m dtrain --dry-run $(ARGS) > /dev/null  # bad flags: one line and exit 2, before any rank starts
 	$(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) --gloo $(PY) -m dtrain $(ARGS)
 
 lint: setup

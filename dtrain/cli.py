@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file with sections as below; flags override it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the configuration (and that a local --data path exists), print it resolved, exit")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section, cls, f in section_fields():
         group = groups.get(section) or parser.add_argument_group(section, (cls.__doc__ or "").strip())
@@ -64,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """Flags over YAML over defaults, validated. Raises UserError on bad input."""
     args = vars(build_parser().parse_args(argv))
+    args.pop("dry_run", None)
     raw: dict[str, dict[str, Any]] = load_yaml(args.pop("config")) if "config" in args else {}
     for section, cls, f in section_fields():
         if f.name in args:
             raw.setdefault(section, {})[f.name] = coerce(cls, f.name, args[f.name])
     return Config.from_dict(raw)
+
+
+def _check_paths(config: Config) -> None:
+    """What can be checked without a cluster: local paths exist."""
+    data = config.data.data
+    if data and "://" not in data and not glob.glob(data):
+        raise UserError(f"--data: no such file or directory {data!r}; check the path")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -79,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         config = parse_config(argv)
+        if "--dry-run" in (sys.argv[1:] if argv is None else argv):
+            _check_paths(config)
+            print(config.to_yaml(), end="")
+            return
         from dtrain.engine import run  # heavy imports (torch, dask) only after the flags are good
 
         run(config)

@@ -450,3 +450,16 @@ def test_lr_schedules() -> None:
     assert lr_factor(cfg(schedule="step"), 50, 100) == pytest.approx(0.1)
     inv = cfg(schedule="invscaling", power_t=0.5)
     assert [lr_factor(inv, s, 100) for s in (0, 3, 99)] == pytest.approx([1.0, 0.5, 0.1])
+
+
+def test_dry_run_prints_resolved_config_and_checks_paths(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from dtrain import cli
+
+    cli.main(["--dry-run", "--lr", "0.25", "--hidden", "8,4"])
+    printed = capsys.readouterr().out
+    assert Config.from_dict(__import__("yaml").safe_load(printed)).optim.lr == 0.25
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--dry-run", "--data", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dtrain: error: --data")
