@@ -44,4 +44,6 @@ if [ "$dry_run" = 1 ]; then
   exit 0
 fi
 [ -x "$venv/bin/horovodrun" ] || die "$venv/bin/horovodrun not found; run launch/setup.sh first"
+# Bad flags: dtrain's one-line error and exit 2 now, rather than N failing ranks under horovodrun.
+"$venv/bin/python" -m dtrain --dry-run "$@" > /dev/null || exit $?
 exec "${cmd[@]}"
