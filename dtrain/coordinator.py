@@ -86,15 +86,17 @@ class Coordinator:
         return bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds
 
     def save(self, global_step: int, state: Callable[[], dict[str, Any]], meta: dict[str, Any],
-             sync: bool = False) -> None:
-        if self.ckpt is None:
+             sync: bool = False, force: bool = False) -> None:
+        """Checkpoint on rank 0 (``force``: on this rank whatever its rank now, e.g. during a reset)."""
+        ckpt = self._ckpt if force else self.ckpt
+        if ckpt is None:
             return
         if sync:
-            self.ckpt.wait()
-            self.ckpt.write(global_step, state(), meta)
+            ckpt.wait()
+            ckpt.write(global_step, state(), meta)
         else:
-            self.ckpt.save_async(global_step, state(), meta)
-            log.debug("checkpoint %d: loop blocked %.1f ms", global_step, 1e3 * self.ckpt.last_block_seconds)
+            ckpt.save_async(global_step, state(), meta)
+            log.debug("checkpoint %d: loop blocked %.1f ms", global_step, 1e3 * ckpt.last_block_seconds)
         self._last_save = time.monotonic()
 
     def close(self) -> None:

@@ -286,6 +286,15 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **a
     return ElasticState()
 
 
+def elastic_resets() -> tuple[type[BaseException], ...]:
+    """The exceptions by which Horovod interrupts the loop for a world change: (failure, hosts changed)."""
+    if not is_elastic():
+        return ()
+    from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+
+    return HorovodInternalError, HostsUpdatedInterrupt
+
+
 def run_elastic(fn: Callable[[Any], T], state: Any) -> T:
     """``fn(state)``, restarted by Horovod after every world change (elastic runs), or called once."""
     if not is_elastic():

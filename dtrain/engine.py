@@ -429,7 +429,25 @@ def run(cfg: Config) -> dict[str, Any]:
                 result["progressive_loss"] = total.loss / total.rows
             return result
 
-        outcome = dist.run_elastic(train, state)
+        failure, _ = dist.elastic_resets() or (None, None)
+        entry_rank = [dist.rank()]
+
+        def train_and_save_on_reset(state: Any) -> dict[str, Any]:
+            """``train``, but a world change first puts the last commit on disk (by the rank that was 0):
+            if the new world never forms (``--min-np`` not met), horovodrun ends the job, and the
+            rerun resumes from here instead of from the last periodic checkpoint."""
+            entry_rank[0] = dist.rank()
+            try:
+                return train(state)
+            except dist.elastic_resets() as e:
+                if entry_rank[0] == 0:
+                    if failure is not None and isinstance(e, failure):
+                        state.restore()  # mid-step: back to the commit (Horovod restores again, harmlessly)
+                    meta = {"epoch": state.epoch, "position_step": state.step, "reason": "world change"}
+                    coord.save(state.global_step, trainer_state, meta, sync=True, force=True)
+                raise
+
+        outcome = dist.run_elastic(train_and_save_on_reset, state)
         coord.restore_signal_handlers()
         coord.close()
 

@@ -143,3 +143,28 @@ def test_rank_killed_then_host_returns(dask_client, fixed_size_run, tmp_path):
     retrained = check_audit(audit, 20)
     assert retrained <= 20  # at most the steps since the last commit
     assert max_rel_diff(run, fixed_size_run) < 1e-5
+
+
+def test_min_np_not_met_ends_with_message_and_checkpoint(dask_client, tmp_path):
+    hosts_file, run, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "log.txt"
+    hosts_file.write_text("localhost:2\n")
+    cmd = elastic_command(dask_client.scheduler.address, run, tmp_path / "audit")
+    cmd[cmd.index("--min-np") + 1] = "2"
+    cmd[1:1] = ["--elastic-timeout", "10"]
+    proc = start_job(cmd, log, env={"DTRAIN_HOSTS_FILE": str(hosts_file)})
+    try:
+        wait_for("step 150", lambda: [m for m in metrics_lines(run) if m["step"] >= 150], proc)
+        hosts_file.write_text("localhost:1\n")  # below --min-np 2 for good
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "enough resources to run at least 2 Horovod processes" in text  # horovodrun's message
+    last = metrics_lines(run)[-1]["step"]
+    from dtrain.checkpoint import Checkpointer
+
+    saved = Checkpointer(str(run / "checkpoints")).latest()
+    assert saved is not None, "no checkpoint of the last commit"
+    step = saved[1]["global_step"]
+    assert step % 20 == 0 and last - 20 <= step <= last + 20  # the last commit, not an older one
