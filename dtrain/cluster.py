@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import dask
 import psutil
 from distributed import Client, LocalCluster
 
@@ -50,6 +51,9 @@ def _connect(address: str, timeout: float) -> Client:
 def connect(cfg: ClusterConfig) -> Iterator[Client]:
     """A client on every rank, closed (and the embedded cluster shut down) on exit."""
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    # Dask keeps each connection's last messages for debugging (1000 by default); ours carry row
+    # indexes, so a long log would grow a rank's memory with every request.
+    dask.config.set({"distributed.admin.low-level-log-length": 64})
     cluster: LocalCluster | None = None
     address = cfg.scheduler
     if address is None:

@@ -74,7 +74,7 @@ class DataConfig:
 
     data: str | None = doc(None, "dataset: Parquet dir/glob, CSV glob, .npy/.zarr, or a URL; default: generated")
     format: str = doc("auto", "dataset format: auto, parquet, csv, npy, zarr")
-    label: str = doc("label", "label column")
+    label: str = doc("label", "label column (npy: the labels .npy file; zarr: the label array, default y)")
     features: list[str] = doc([], "feature columns, comma-separated (default: every numeric column but label/row_id)")
     task: str = doc("auto", "classification, regression, or auto (integer labels: classification)")
     val_fraction: float = doc(0.1, "fraction of rows held out for evaluation (chosen by a hash of the row id)")

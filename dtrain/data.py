@@ -2,31 +2,47 @@
 
 A :class:`Dataset` knows, for the train and validation splits, one lazy ``dask.delayed`` object per
 partition that yields the partition's rows as compact numpy arrays (features standardised, labels as
-class indexes). Keys are deterministic, so every rank asking for a partition shares one copy on the
-cluster. Statistics (row counts, feature mean and std, the class set) are computed by the workers,
-partition by partition, and combined here.
+class indexes). Keys are deterministic across processes, so every rank asking for a partition shares
+one copy on the cluster. Statistics (row counts, feature mean and std, the class set) are computed by
+the workers, partition by partition, and combined here.
+
+Sources: Parquet (directory, glob or fsspec URL), CSV (file, directory or glob), ``.npy`` (features file
+plus ``--label y.npy``), zarr (a group with arrays ``x`` and ``y``), or the generated default. Every
+problem with the data reaches the user as one :class:`~dtrain.config.UserError` line naming the flag
+and the fix; problems found by a worker are raised there as :class:`DataError`, which pickles across
+Dask and arrives on the rank as the same exception.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
+import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dask
 import dask.dataframe as dd
+import fsspec
 import numpy as np
 import pandas as pd
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from dtrain.config import DataConfig, UserError
 
 log = logging.getLogger(__name__)
 
 ROW_ID = "row_id"
+ARRAY_LABEL = "label"  # the label column of array sources (npy, zarr), whatever --label says
+# Rows of an array source per partition: big enough that per-task overhead is small, small enough
+# that a shuffle window of a few partitions stays a few tens of MB on the cluster.
+ARRAY_PARTITION_BYTES = 16 * 2**20
+FORMATS = ("parquet", "csv", "npy", "zarr")
+_PARQUET_EXT = (".parquet", ".pq", ".parq")
 
 
 class DataError(UserError):
@@ -93,7 +109,7 @@ class Spec:
     classes: tuple[Any, ...] = field(default=())
 
 
-# -- sources ------------------------------------------------------------------------------------------
+# -- generated data -----------------------------------------------------------------------------------
 
 
 def _generate_partition(i: int, rows: int, start: int, features: int, classes: int, noise: float,
@@ -135,38 +151,245 @@ def generated(cfg: DataConfig, seed: int) -> dd.DataFrame:
     )
 
 
-def _detect_format(path: str) -> str:
-    p = path.rstrip("/")
-    for ext, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".npy", "npy"),
-                     (".zarr", "zarr")):
-        if p.endswith(ext):
-            return fmt
-    if "://" not in path and os.path.isdir(path):
-        names = os.listdir(path)
-        if any(n.endswith((".parquet", ".pq")) for n in names) or "_metadata" in names:
+# -- finding the files --------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its package is missing
+        raise UserError(f"--data: cannot open {path!r} ({_first_line(e)}); check the URL or install "
+                        "the fsspec package for its protocol") from None
+
+
+def _matches(path: str) -> list[str]:
+    """The files or directories ``path`` names (a glob may name many); empty when there are none."""
+    fs, root = _fs(path)
+    try:
+        if fs.exists(root):
+            return [root]
+        return sorted(fs.glob(root)) if any(c in root for c in "*?[") else []
+    except OSError as e:
+        raise UserError(f"--data: cannot list {path!r} ({_first_line(e)}); check the path and credentials") from None
+
+
+_SUFFIXES = (("parquet", _PARQUET_EXT), ("csv", (".csv", ".csv.gz")), ("npy", (".npy",)), ("zarr", (".zarr",)))
+
+
+def _is_dir(path: str) -> bool:
+    fs, root = _fs(path)
+    return bool(fs.isdir(root))
+
+
+def data_format(cfg: DataConfig) -> str | None:
+    """The format of ``--data`` (``--format``, else guessed from the names); None for generated data."""
+    if cfg.data is None:
+        return None
+    found = _matches(cfg.data)
+    if not found:
+        raise UserError(f"--data: no such file or directory {cfg.data!r}; check the path")
+    if cfg.format != "auto":
+        return cfg.format
+    names = [str(n).rstrip("/") for n in found]
+    fs, _ = _fs(cfg.data)
+    if len(found) == 1 and not names[0].endswith(".zarr") and fs.isdir(found[0]):
+        names = [str(n).rstrip("/") for n in fs.ls(found[0], detail=False)]
+        if not names:
+            raise UserError(f"--data: {cfg.data!r} is an empty directory; point --data at the dataset's files")
+        if any(os.path.basename(n) in ("zarr.json", ".zgroup") for n in names):
+            return "zarr"
+        if any(os.path.basename(n) == "_metadata" for n in names):
             return "parquet"
-        if any(n.endswith(".csv") for n in names):
-            return "csv"
-    raise UserError(f"--data: cannot tell the format of {path!r}; pass --format parquet|csv|npy|zarr")
+    for fmt, exts in _SUFFIXES:
+        if any(n.endswith(exts) for n in names):
+            return fmt
+    raise UserError(f"--data: cannot tell the format of {cfg.data!r}; pass --format {'|'.join(FORMATS)}")
+
+
+def _files(cfg: DataConfig, fmt: str) -> list[str]:
+    """The data files of ``--data`` (a file, directory or glob); refuses a selection without any."""
+    assert cfg.data is not None
+    exts = dict(_SUFFIXES)[fmt]
+    fs, _ = _fs(cfg.data)
+    files: list[str] = []
+    for m in _matches(cfg.data):
+        # Names starting with . or _ are bookkeeping (_SUCCESS, .crc), as for Spark and pyarrow.
+        inside = sorted(fs.find(m)) if fs.isdir(m) else [m]
+        files += [f for f in inside if f.endswith(exts) and not os.path.basename(f).startswith((".", "_"))]
+    if not files:
+        raise UserError(f"--data: no {fmt} files ({', '.join(exts)}) in {cfg.data!r}; check the path or --format")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return files if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in files]
+
+
+# -- array sources (npy, zarr): opened on whichever process reads the rows ------------------------------
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """A features array and its labels, by location: cheap to pickle into every task.
+
+    An array opened with ``np.load(mmap_mode="r")`` pickles *with its contents*, so a graph holding one
+    would ship the whole file to the cluster; each task opens the file itself and reads its rows only.
+    """
+
+    kind: str  # "npy" or "zarr"
+    x: str  # npy: the features file; zarr: the store URL
+    y: str  # npy: the labels file; zarr: the label array's name
+    x_name: str = "x"
+
+    def open(self) -> tuple[Any, Any]:
+        if self.kind == "npy":
+            return np.load(self.x, mmap_mode="r"), np.load(self.y, mmap_mode="r")
+        import zarr
+
+        group = zarr.open_group(self.x, mode="r")
+        return group[self.x_name], group[self.y]
+
+
+def _array_partition(src: ArraySource, lo: int, hi: int) -> pd.DataFrame:
+    """Rows ``[lo, hi)`` of an array source as a DataFrame ``row_id, f0..fN-1, label``."""
+    x, y = src.open()
+    width = int(np.prod(x.shape[1:]))  # images and other n-d rows become flat feature vectors
+    df = pd.DataFrame(np.asarray(x[lo:hi]).reshape(hi - lo, width), columns=[f"f{j}" for j in range(width)])
+    df.insert(0, ROW_ID, np.arange(lo, hi, dtype=np.int64))
+    df[ARRAY_LABEL] = np.asarray(y[lo:hi]).reshape(hi - lo)
+    return df
+
+
+def _check_arrays(x: Any, y: Any, cfg: DataConfig) -> None:
+    if len(x.shape) < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise UserError(f"--data: the features in {cfg.data!r} must be a numeric array of shape (rows, features), "
+                        f"got {x.dtype} {tuple(x.shape)}; save them as a 2-D numeric array")
+    if len(y.shape) not in (1, 2) or (len(y.shape) == 2 and y.shape[1] != 1):
+        raise UserError(f"--label: the labels must be one value per row, got shape {tuple(y.shape)}; "
+                        "save them as a 1-D array")
+    if y.shape[0] != x.shape[0]:
+        raise UserError(f"--label: {y.shape[0]} labels for {x.shape[0]} rows of features; "
+                        "pass the labels that belong to --data")
+    if x.shape[0] == 0:
+        raise UserError(f"--data: {cfg.data!r} has no rows; use a dataset with data in it")
+
+
+def _array_frame(src: ArraySource, cfg: DataConfig) -> dd.DataFrame:
+    """An array source as a lazy DataFrame, partitioned by rows (whole zarr chunks: each read once)."""
+    x, y = src.open()
+    _check_arrays(x, y, cfg)
+    align = int(getattr(x, "chunks", (1,))[0])
+    rows = int(x.shape[0])
+    row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
+    step = max(align, ARRAY_PARTITION_BYTES // row_bytes // align * align)
+    starts = list(range(0, rows, step))
+    stops = [min(s + step, rows) for s in starts]
+    return dd.from_map(_array_partition, [src] * len(starts), starts, stops, meta=_array_partition(src, 0, 0),
+                       enforce_metadata=False, label=f"dtrain-{src.kind}")
+
+
+def _open_npy(cfg: DataConfig) -> dd.DataFrame:
+    assert cfg.data is not None
+    if "://" in cfg.data:
+        raise UserError(f"--data: .npy data must be a local file, got {cfg.data!r}; copy it locally or use Parquet")
+    if not cfg.label.endswith(".npy") or not os.path.isfile(cfg.label):
+        raise UserError(f"--label: with .npy features, --label is the labels file; {cfg.label!r} is not a .npy "
+                        "file (pass --label y.npy)")
+    src = ArraySource("npy", cfg.data, cfg.label)
+    try:
+        return _array_frame(src, cfg)
+    except ValueError as e:  # not an .npy file, or a pickled object array
+        raise UserError(f"--data: cannot load {cfg.data!r} or {cfg.label!r} as .npy ({_first_line(e)}); "
+                        "save them with numpy.save") from None
+
+
+def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
+    assert cfg.data is not None
+    try:
+        import zarr
+    except ImportError:
+        raise UserError("--format zarr: the zarr package is not installed; pip install zarr "
+                        "(or pip install 'dtrain[zarr]')") from None
+    try:
+        group = zarr.open_group(cfg.data, mode="r")
+        arrays = sorted(group.array_keys())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--data: cannot open {cfg.data!r} as a zarr group ({_first_line(e)}); "
+                        "pass a zarr group holding arrays x and y") from None
+    if "x" not in arrays:
+        raise UserError(f"--data: no array 'x' in {cfg.data!r} (arrays: {', '.join(arrays) or 'none'}); "
+                        "store the features as array x")
+    label = cfg.label if cfg.label in arrays else "y" if cfg.label == "label" and "y" in arrays else None
+    if label is None:
+        raise UserError(f"--label: no array {cfg.label!r} in {cfg.data!r} (arrays: {', '.join(arrays)}); "
+                        "pass --label NAME of the label array")
+    return _array_frame(ArraySource("zarr", cfg.data, label), cfg)
 
 
 def open_source(cfg: DataConfig, seed: int) -> dd.DataFrame:
     """The dataset as a lazy Dask DataFrame; errors name the flag and the fix."""
     if cfg.data is None:
         return generated(cfg, seed)
-    path = cfg.data
-    if "://" not in path and not glob.glob(path):
-        raise UserError(f"--data: no such file or directory {path!r}; check the path")
-    fmt = cfg.format if cfg.format != "auto" else _detect_format(path)
-    try:
+    fmt = data_format(cfg)
+    with read_errors(_where(cfg)):
         if fmt == "parquet":
-            return dd.read_parquet(path)
+            files = _files(cfg, fmt)
+            # A directory goes to the reader as it is, which then honours Hive partitions and _metadata.
+            return dd.read_parquet(cfg.data if _is_dir(cfg.data) else files)
         if fmt == "csv":
-            target = os.path.join(path, "*.csv") if os.path.isdir(path) else path
-            return dd.read_csv(target, blocksize="64MB")
+            return dd.read_csv(_files(cfg, fmt), blocksize="64MB")
+        if fmt == "npy":
+            return _open_npy(cfg)
+        return _open_zarr(cfg)
+
+
+def _where(cfg: DataConfig) -> str:
+    return repr(cfg.data) if cfg.data else "the generated data"
+
+
+@contextlib.contextmanager
+def read_errors(where: str) -> Iterator[None]:
+    """Errors from reading the data, here or raised by a worker, as one line naming ``--data``.
+
+    Readers (pyarrow, pandas, fsspec) fail with ``OSError`` or ``ValueError`` subclasses on unreadable
+    files; the full traceback goes to the debug log.
+    """
+    try:
+        yield
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
-        raise UserError(f"--data: cannot read {path!r} as {fmt} ({e}); check the path and --format") from None
-    raise UserError(f"--format: {fmt} is not supported yet; convert the data to Parquet (python -m dtrain.datagen)")
+        log.debug("reading %s failed", where, exc_info=True)
+        raise UserError(f"--data: cannot read {where} ({_first_line(e)}); check the files and --format") from None
+
+
+def _identity(cfg: DataConfig, fmt: str | None) -> list[Any]:
+    """What the data is, for the fingerprint: the generator's parameters, or every file's name, size and date.
+
+    Dask's own tokens for file sources differ between processes, so they cannot name partitions that
+    every rank shares, nor tell whether a checkpoint was trained on this data.
+    """
+    if cfg.data is None:
+        return ["generated", cfg.gen_rows, cfg.gen_features, cfg.gen_classes, cfg.gen_partitions, cfg.gen_noise]
+    files = []
+    for path in [cfg.data, cfg.label] if fmt == "npy" else [cfg.data]:
+        fs, root = _fs(path)
+        # One listing with details (not a request per file: object stores answer slowly).
+        if fs.exists(root):
+            infos = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+        else:
+            infos = fs.glob(root, detail=True)
+        for name in sorted(infos)[:10000]:  # capped: a zarr store has a file per chunk
+            info = infos[name]
+            when = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag") if k in info), None)
+            files.append([name, info.get("size"), str(when)])
+    return [fmt, cfg.data, files]
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- work done on the workers -------------------------------------------------------------------------
@@ -188,46 +411,70 @@ def is_validation(row_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return _mix64(row_id, seed) < np.uint64(int(fraction * 2.0**64))
 
 
-def split_frame(df: pd.DataFrame, spec: Spec, split: str) -> pd.DataFrame:
-    val = is_validation(df[ROW_ID].to_numpy(), spec.val_fraction, spec.seed)
-    return df[val if split == "val" else ~val]
+def _features(df: pd.DataFrame, spec: Spec, dtype: type) -> np.ndarray:
+    """The feature columns as one numeric array (missing values, including pandas' NA, as NaN)."""
+    try:
+        return df[list(spec.features)].to_numpy(dtype=dtype, na_value=np.nan)
+    except (TypeError, ValueError) as e:  # a column typed numeric by its first rows but not in this partition
+        raise DataError(f"--features: a feature column holds values that are not numbers ({_first_line(e)}); "
+                        "clean the data or leave the column out of --features") from None
+
+
+def _fill(x: np.ndarray, fillna: float | None) -> np.ndarray:
+    # Only NaN: infinities are refused by the statistics, not silently turned into huge numbers.
+    return np.where(np.isnan(x), fillna, x) if fillna is not None else x
+
+
+def _categorical(label: pd.Series) -> bool:
+    """Labels that name classes under ``--task auto``: integers, booleans, strings."""
+    return not pd.api.types.is_float_dtype(label.dtype) and not pd.api.types.is_complex_dtype(label.dtype)
 
 
 def summarize(df: pd.DataFrame, spec: Spec) -> dict[str, Any]:
-    """Per-partition statistics of the training split: count, mean, M2, labels, NaNs."""
-    train = split_frame(df, spec, "train")
-    x = train[list(spec.features)].to_numpy(dtype=np.float64)
-    nan = int(np.isnan(x).sum()) + int(train[spec.label].isna().sum())
-    if spec.fillna is not None:
-        x = np.nan_to_num(x, nan=spec.fillna)
+    """Per-partition statistics: train count, mean, M2; validation count; labels; missing values."""
+    x_all = _features(df, spec, np.float64)
+    val = is_validation(df[ROW_ID].to_numpy(), spec.val_fraction, spec.seed)
+    x = _fill(x_all[~val], spec.fillna)
     n = len(x)
     mean = x.mean(axis=0) if n else np.zeros(x.shape[1])
     m2 = ((x - mean) ** 2).sum(axis=0) if n else np.zeros(x.shape[1])
     label = df[spec.label]
-    integral = pd.api.types.is_integer_dtype(label.dtype) or pd.api.types.is_bool_dtype(label.dtype)
-    classes = np.unique(label.dropna().to_numpy()) if integral or spec.task == "classification" else None
-    return {"n": n, "val": len(df) - n, "mean": mean, "m2": m2, "classes": classes, "nan": nan,
-            "integral": integral}
+    categorical = _categorical(label)
+    classes = np.unique(label.dropna().to_numpy()) if categorical or spec.task == "classification" else None
+    return {"n": n, "val": int(val.sum()), "mean": mean, "m2": m2, "classes": classes,
+            "nan": int(np.isnan(x_all).sum()), "inf": int(np.isinf(x_all).sum()),
+            "label_nan": int(label.isna().sum()), "categorical": categorical}
 
 
 def prepare(df: pd.DataFrame, spec: Spec, split: str) -> Arrays:
     """A partition's rows of one split as standardised float32 features and label indexes."""
-    part = split_frame(df, spec, split)
-    x = part[list(spec.features)].to_numpy(dtype=np.float32)
-    if spec.fillna is not None:
-        x = np.nan_to_num(x, nan=spec.fillna)
-    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    labels = part[spec.label].to_numpy()
+    row_id = df[ROW_ID].to_numpy(dtype=np.int64)
+    val = is_validation(row_id, spec.val_fraction, spec.seed)
+    keep = val if split == "val" else ~val
+    # Select rows on the numpy arrays, not on the DataFrame (which would copy every column first),
+    # and standardise in place: this runs for every partition of every epoch.
+    x = _fill(_features(df, spec, np.float32)[keep], spec.fillna)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x /= np.asarray(spec.std, dtype=np.float32)
     if spec.classes:
-        y = np.searchsorted(np.asarray(spec.classes), labels).astype(np.int64)
+        labels = df[spec.label].to_numpy()[keep]
+        y = pd.Index(spec.classes).get_indexer(labels)
+        if (y < 0).any():
+            bad = labels[y < 0][0]
+            raise DataError(f"--label: value {bad!r} is not one of the {len(spec.classes)} classes in the statistics; "
+                            "the data changed since they were computed: use the same --data or --resume never")
+        y = y.astype(np.int64)
     else:
-        y = labels.astype(np.float32)
-    return Arrays(np.ascontiguousarray(x), y, part[ROW_ID].to_numpy(dtype=np.int64))
+        y = df[spec.label].to_numpy(dtype=np.float32, na_value=np.nan)[keep]
+    return Arrays(np.ascontiguousarray(x, dtype=np.float32), y, row_id[keep])
 
 
-def take_rows(arrays: Arrays, idx: np.ndarray) -> Arrays:
-    """The requested rows of a prepared partition: runs where the partition lives."""
-    return arrays.take(idx)
+def take_from(parts: list[Arrays], idxs: list[np.ndarray]) -> Arrays:
+    """Rows ``idxs[i]`` of ``parts[i]``, concatenated: runs on the worker holding the partitions, so one
+    task serves a whole request's rows there."""
+    taken = [p.take(i) for p, i in zip(parts, idxs, strict=True)]
+    return Arrays(np.concatenate([t.x for t in taken]), np.concatenate([t.y for t in taken]),
+                  np.concatenate([t.row_id for t in taken]))
 
 
 def _with_row_ids(df: pd.DataFrame, offsets: list[int], partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -237,7 +484,55 @@ def _with_row_ids(df: pd.DataFrame, offsets: list[int], partition_info: dict[str
     return df
 
 
+def _own_graphs(parts: list[Delayed]) -> list[Delayed]:
+    """Each partition with only its own tasks in its graph.
+
+    ``to_delayed`` gives every partition the graph of the whole collection, which the client would
+    cull again for every request: O(partitions) work per request. Culling once here keeps it O(1).
+    """
+    return [Delayed(d.key, dict(d.dask.cull({d.key}))) if isinstance(d.dask, HighLevelGraph) else d for d in parts]
+
+
 # -- the dataset as seen by a rank ----------------------------------------------------------------------
+
+
+def _select_features(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> list[str]:
+    columns = list(ddf.columns)
+    listed = ", ".join(map(str, columns))
+    if label not in columns:
+        raise UserError(f"--label: no column {label!r} in the data; columns are {listed}")
+    if cfg.features:
+        missing = [c for c in cfg.features if c not in columns]
+        if missing:
+            raise UserError(f"--features: no column {missing[0]!r} in the data; columns are {listed}")
+        if label in cfg.features:
+            raise UserError(f"--features: {label!r} is the label; leave it out of --features")
+        features = list(cfg.features)
+    else:
+        features = [c for c in columns if c not in (label, ROW_ID)]
+        skipped = [c for c in features if not pd.api.types.is_numeric_dtype(ddf.dtypes[c])]
+        if skipped:
+            log.info("not using non-numeric columns as features: %s (name features with --features)", skipped)
+        features = [c for c in features if c not in skipped]
+    non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(ddf.dtypes[c])]
+    if non_numeric:
+        raise UserError(
+            f"--features: column {non_numeric[0]!r} is not numeric ({ddf.dtypes[non_numeric[0]]}); "
+            "encode it as numbers or leave it out of --features"
+        )
+    if not features:
+        raise UserError(f"--features: the data has no numeric feature columns (columns: {listed}); "
+                        "name them with --features")
+    return features
+
+
+def _check_label_and_ids(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> None:
+    if cfg.task == "regression" and not pd.api.types.is_numeric_dtype(ddf.dtypes[label]):
+        raise UserError(f"--task regression: the label column {label!r} is not numeric ({ddf.dtypes[label]}); "
+                        "pass --task classification or encode the label as numbers")
+    if ROW_ID in ddf.columns and not pd.api.types.is_integer_dtype(ddf.dtypes[ROW_ID]):
+        raise UserError(f"--data: column {ROW_ID!r} must hold integer row ids, got {ddf.dtypes[ROW_ID]}; "
+                        "rename or drop it (dtrain numbers the rows then)")
 
 
 class Dataset:
@@ -246,35 +541,25 @@ class Dataset:
     def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int):
         self.cfg = cfg
         self.seed = seed
-        columns = list(ddf.columns)
-        listed = ", ".join(map(str, columns))
-        if cfg.label not in columns:
-            raise UserError(f"--label: no column {cfg.label!r} in the data; columns are {listed}")
-        features = list(cfg.features) or [
-            c for c in columns if c not in (cfg.label, ROW_ID) and pd.api.types.is_numeric_dtype(ddf.dtypes[c])
-        ]
-        missing = [c for c in features if c not in columns]
-        if missing:
-            raise UserError(f"--features: no column {missing[0]!r} in the data; columns are {listed}")
-        non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(ddf.dtypes[c])]
-        if non_numeric:
-            raise UserError(
-                f"--features: column {non_numeric[0]!r} is not numeric ({ddf.dtypes[non_numeric[0]]}); "
-                "encode it as numbers or leave it out of --features"
-            )
-        if not features:
-            raise UserError("--features: the data has no numeric feature columns; name them with --features")
-        self.features = features
-        if ROW_ID not in columns:
+        fmt = data_format(cfg)
+        self.label = ARRAY_LABEL if fmt in ("npy", "zarr") else cfg.label
+        self.features = _select_features(ddf, cfg, self.label)
+        _check_label_and_ids(ddf, cfg, self.label)
+        # Only the columns used: Parquet then reads nothing else.
+        ddf = ddf[[c for c in (ROW_ID, *self.features, self.label) if c in ddf.columns]]
+        if ROW_ID not in ddf.columns:
             # Row ids are the rows' global positions; they need the partitions' lengths first.
-            lengths = ddf.map_partitions(len).compute().tolist()
+            with read_errors(_where(cfg)):
+                lengths = ddf.map_partitions(len).compute().tolist()
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int).tolist()
             ddf = ddf.map_partitions(_with_row_ids, offsets, meta={**ddf.dtypes.to_dict(), ROW_ID: np.int64})
         self.ddf = ddf
-        self._parts: list[Delayed] = list(ddf.to_delayed())
-        self.token = dask.base.tokenize(self.ddf, features, cfg.label, cfg.val_fraction, seed, cfg.fillna)
+        self._parts: list[Delayed] = _own_graphs(list(ddf.to_delayed()))
+        schema = {str(c): str(t) for c, t in ddf.dtypes.items()}
+        self.token = _digest(_identity(cfg, fmt), schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
+                             seed, cfg.fillna)[:32]
         self.stats: Stats | None = None
-        self._spec = Spec(tuple(features), cfg.label, cfg.val_fraction, seed, cfg.fillna, cfg.task)
+        self._spec = Spec(tuple(self.features), self.label, cfg.val_fraction, seed, cfg.fillna, cfg.task)
 
     @property
     def num_partitions(self) -> int:
@@ -282,33 +567,44 @@ class Dataset:
 
     def compute_stats(self) -> Stats:
         """Counts, standardisation and class set, computed by the workers partition by partition."""
-        summaries = dask.compute(*[dask.delayed(summarize)(p, self._spec) for p in self._parts])
+        with read_errors(_where(self.cfg)):
+            summaries = dask.compute(*[dask.delayed(summarize)(p, self._spec) for p in self._parts])
+        self.stats = self._combine(list(summaries))
+        return self.stats
+
+    def _combine(self, summaries: list[dict[str, Any]]) -> Stats:
         n = sum(s["n"] for s in summaries)
         val = sum(s["val"] for s in summaries)
+        where = _where(self.cfg)
+        if n + val == 0:
+            raise UserError(f"--data: {where} has no rows; point --data at a dataset with rows")
         if n == 0:
-            raise UserError(f"--data: the training split is empty ({val} validation rows); "
+            raise UserError(f"--val-fraction: the training split is empty ({val} validation rows); "
                             "use more data or a smaller --val-fraction")
-        nan = sum(s["nan"] for s in summaries)
+        label_nan, nan, inf = (sum(s[k] for s in summaries) for k in ("label_nan", "nan", "inf"))
+        if label_nan:
+            raise UserError(f"--label: {label_nan} rows have no {self.label!r} value; drop them from the data")
         if nan and self.cfg.fillna is None:
-            raise UserError(f"--data: {nan} missing values in the features or label; "
+            raise UserError(f"--fillna: {nan} missing values in the features of {where}; "
                             "clean the data or pass --fillna VALUE")
+        if inf:
+            raise UserError(f"--data: {inf} infinite values in the features of {where}; replace them in the data")
         mean = sum(s["n"] * s["mean"] for s in summaries) / n
         m2 = sum(s["m2"] + s["n"] * (s["mean"] - mean) ** 2 for s in summaries)
         std = np.sqrt(m2 / n)
-        std = np.where(std > 0, std, 1.0)
+        std = np.where(std > 0, std, 1.0)  # a constant feature stays 0 after centring
         task = self.cfg.task
         if task == "auto":
-            task = "classification" if all(s["integral"] for s in summaries) else "regression"
+            task = "classification" if all(s["categorical"] for s in summaries) else "regression"
         classes = None
         if task == "classification":
             seen = [set(s["classes"].tolist()) for s in summaries if s["classes"] is not None]
             classes = sorted(set().union(*seen))
             if len(classes) < 2:
-                raise UserError(f"--label: column {self.cfg.label!r} has {len(classes)} class; "
+                raise UserError(f"--label: column {self.label!r} has {len(classes)} class; "
                                 "classification needs at least 2 (or pass --task regression)")
-        self.stats = Stats(self.features, self.cfg.label, task, mean.tolist(), std.tolist(), classes,
-                           [int(s["n"]) for s in summaries], [int(s["val"]) for s in summaries], self.token)
-        return self.stats
+        return Stats(self.features, self.label, task, mean.tolist(), std.tolist(), classes,
+                     [int(s["n"]) for s in summaries], [int(s["val"]) for s in summaries], self.token)
 
     def use_stats(self, stats: Stats) -> None:
         """Adopt statistics computed elsewhere (by rank 0, or saved in a checkpoint)."""
@@ -318,9 +614,9 @@ class Dataset:
         """One lazy Arrays per partition, keyed deterministically so ranks share them on the cluster."""
         assert self.stats is not None, "compute_stats() or use_stats() first"
         s = self.stats
-        spec = Spec(tuple(self.features), self.cfg.label, self.cfg.val_fraction, self.seed, self.cfg.fillna,
+        spec = Spec(tuple(self.features), self.label, self.cfg.val_fraction, self.seed, self.cfg.fillna,
                     s.task, tuple(s.mean), tuple(s.std), tuple(s.classes or ()))
-        key = hashlib.sha1(f"{self.token}-{dask.base.tokenize(spec)}".encode()).hexdigest()[:16]
+        key = _digest(self.token, asdict(spec))[:16]
         return [
             dask.delayed(prepare, pure=True)(p, spec, split, dask_key_name=f"dtrain-{split}-{key}-{i}")
             for i, p in enumerate(self._parts)

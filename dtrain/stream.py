@@ -1,21 +1,35 @@
 """Stream a rank's rows from the Dask cluster, following the epoch plan. Thin I/O over ``dtrain.plan``.
 
-The index goes to the data, not the data to the index: for each partition a request needs, the rank
-submits one small task that runs where the prepared partition lives and returns just the requested
-rows. Requests cover ``chunk`` steps at once (few tasks for the scheduler) and at most ``prefetch``
-steps are in flight, so a rank holds O(prefetch x per-rank batch) rows whatever the dataset size.
-Futures are released as soon as their rows are handed over; a partition stays on the cluster only
-while some rank still has a request on it.
+The index goes to the data, not the data to the index: the rank sends the row indexes of a request to
+the workers holding the prepared partitions, and each returns just the requested rows. Every task
+costs milliseconds of Dask round trips and bookkeeping whatever its size, so tasks are few and large:
 
-Dask's client computes futures in the background on its own thread, so loading overlaps training
-without a thread of ours; the loop only blocks when it outruns the prefetch window.
+* each partition has a home worker (``partition % workers``, the same on every rank) where it is
+  prepared, and a request sends *one* task per home worker, taking the rows of all that worker's
+  partitions at once. (One task per partition made a request 1.7x slower with 4 partitions in it and
+  5.7x with 16, on 2 cores; see benchmarks/stream_bench.py for the whole stream.)
+* a request covers ``chunk`` consecutive steps, and at most two requests are alive, so a rank holds at
+  most ``prefetch`` steps of rows whatever the dataset size: the one trained on and the next, loading.
+  More, smaller requests in flight measured slower: the cost is per task, not latency.
+
+Futures are released as soon as their rows are copied out. The cluster holds a partition while a
+pending request reads it, or the next request will (prepared one request ahead, so that a new shuffle
+window does not stall the rank): a few shuffle windows per rank.
+
+Loading overlaps training twice over: the workers compute in the background of Dask's client, and a
+thread of ours pulls the next request's rows into this process (the transfer and the copy happen at
+gather time, not when the workers finish) while the loop trains on the current one. On a GPU, rows
+land in pinned memory and are copied to the device asynchronously (``non_blocking``).
 """
 
 from __future__ import annotations
 
-import collections
+import concurrent.futures
+import ctypes
 import logging
-from collections.abc import Iterator
+import os
+import platform
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +37,35 @@ import torch
 from dask.delayed import Delayed
 from distributed import Client, Future
 
-from dtrain.data import Arrays, take_rows
-from dtrain.plan import EpochPlan, group_by_partition
+from dtrain.data import Arrays, read_errors, take_from
+from dtrain.plan import EpochPlan, group_by_partition, rank_slice
 
 log = logging.getLogger(__name__)
+
+
+# Requests at or above this size get their own memory mapping, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
+_malloc_tuned = False
+
+
+def return_big_buffers_to_the_os() -> None:
+    """Have glibc serve allocations >= 1 MiB with their own mmap, unmapped again when freed.
+
+    A request's buffers (ours, and Dask's for the frames it receives) are large and short-lived. After
+    the first large free glibc raises its mmap threshold (up to 32 MiB) and serves them from its
+    per-thread arenas instead, where they fragment: the resident memory of a rank grew by about 30 MB
+    per epoch in tests/test_stream_memory.py, flat with a fixed threshold. Process-wide, once; skipped
+    off glibc and where the user chose (``MALLOC_MMAP_THRESHOLD_``).
+    """
+    global _malloc_tuned
+    if _malloc_tuned or "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return
+    _malloc_tuned = True
+    try:
+        m_mmap_threshold = -3  # from <malloc.h>
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # an unusual libc: keep its defaults
+        log.debug("cannot set the malloc mmap threshold", exc_info=True)
 
 
 @dataclass
@@ -47,12 +86,38 @@ class Batch:
 
 @dataclass
 class _Request:
+    """The rows of ``steps`` for this rank, asked of the cluster as one take task per partition."""
+
     steps: list[int]
     lengths: list[int]  # this rank's rows per step
     global_rows: list[int]
     total: int
-    takes: list[tuple[Future, np.ndarray]]  # (future of Arrays, where its rows go)
+    takes: list[tuple[Future, np.ndarray]]  # (future of Arrays from one worker, where its rows go)
     partitions: set[int]
+
+
+@dataclass
+class _Rows:
+    x: torch.Tensor
+    y: torch.Tensor
+    row_id: np.ndarray
+
+
+def rank_positions(plan: EpochPlan, steps: list[int], world_size: int, rank: int) -> list[np.ndarray]:
+    """``plan.rank_batch(s, world_size, rank)`` for consecutive ``steps``, reading the global order once.
+
+    Per step, the plan would recompute the permutation of the shuffle window each time.
+    """
+    if not steps:
+        return []
+    begin, end = plan.batch_bounds(steps[0])[0], plan.batch_bounds(steps[-1])[1]
+    order = plan.order(begin, end)
+    out = []
+    for s in steps:
+        start, stop = plan.batch_bounds(s)
+        lo, hi = rank_slice(stop - start, world_size, rank)
+        out.append(order[start - begin + lo : start - begin + hi])
+    return out
 
 
 class Stream:
@@ -66,73 +131,123 @@ class Stream:
         self.rank = rank
         self.world_size = world_size
         self.prefetch = max(1, prefetch)
-        # Two requests in flight, each covering half the prefetch window.
+        # Two requests alive (the one trained on, the one loading), each half the prefetch window.
         self.chunk = max(1, self.prefetch // 2)
         self.device = device or torch.device("cpu")
-        self._held: dict[int, Future] = {}
+        self._pin = self.device.type == "cuda"
+        self._held: dict[int, Future] = {}  # prepared partitions that pending requests read from
+        self._workers: list[str] = []  # the cluster's workers when the current pass began
+        self.max_held = 0  # the most partitions held at once (observability; tested)
+        return_big_buffers_to_the_os()
+
+    def _home(self, p: int) -> str | None:
+        """The worker partition ``p`` is prepared on and read from; ``None`` leaves it to the scheduler."""
+        return self._workers[p % len(self._workers)] if self._workers else None
 
     def _partition(self, p: int) -> Future:
         if p not in self._held:
-            # Same key on every rank: the cluster loads each partition once for all of them.
-            self._held[p] = self.client.compute(self.partitions[p])
+            # Same key and home on every rank: the cluster prepares each partition once for all of them.
+            # allow_other_workers: if the home worker is gone, another takes over (moving the data).
+            home = self._home(p)
+            self._held[p] = self.client.compute(self.partitions[p], workers=[home] if home else None,
+                                                allow_other_workers=True)
+            self.max_held = max(self.max_held, len(self._held))
         return self._held[p]
 
     def _submit(self, plan: EpochPlan, steps: list[int]) -> _Request:
-        per_step = [plan.rank_batch(s, self.world_size, self.rank) for s in steps]
+        per_step = rank_positions(plan, steps, self.world_size, self.rank)
         positions = np.concatenate(per_step) if per_step else np.empty(0, dtype=np.int64)
-        takes, parts = [], set()
-        for p, local, idx in group_by_partition(plan, positions):
-            fut = self.client.submit(take_rows, self._partition(p), local, pure=False)
-            takes.append((fut, idx))
-            parts.add(p)
+        groups = group_by_partition(plan, positions)
+        by_home: dict[str | None, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for g in groups:
+            by_home.setdefault(self._home(g[0]), []).append(g)
+        takes = []
+        for home, group in by_home.items():
+            # int32 row indexes: half the bytes to send, and to keep in Dask's logs of recent messages.
+            parts, rows = [self._partition(p) for p, _, _ in group], [local.astype(np.int32) for _, local, _ in group]
+            fut = self.client.submit(take_from, parts, rows, workers=[home] if home else None,
+                                     allow_other_workers=True, pure=False)
+            takes.append((fut, np.concatenate([idx for _, _, idx in group])))
         return _Request(steps, [len(b) for b in per_step], [plan.batch_rows(s) for s in steps],
-                        len(positions), takes, parts)
+                        len(positions), takes, {p for p, _, _ in groups})
 
-    def _gather(self, req: _Request, y_dtype: np.dtype) -> Arrays:
-        x = np.empty((req.total, self.num_features), dtype=np.float32)
-        y = np.empty(req.total, dtype=y_dtype)
-        rid = np.empty(req.total, dtype=np.int64)
-        for fut, idx in req.takes:
-            part: Arrays = fut.result()
-            x[idx], y[idx], rid[idx] = part.x, part.y, part.row_id
-            fut.release()
-        return Arrays(x, y, rid)
+    def _gather(self, req: _Request, y_dtype: np.dtype) -> _Rows:
+        """Pull a request's rows into this process (on the loader thread), in plan order."""
+        try:
+            parts: list[Arrays] = self.client.gather([f for f, _ in req.takes])
+            # Pinned host memory lets the copies to the GPU run asynchronously (non_blocking).
+            x = torch.empty((req.total, self.num_features), dtype=torch.float32, pin_memory=self._pin)
+            y = torch.empty(req.total, dtype=torch.from_numpy(np.empty(0, dtype=y_dtype)).dtype, pin_memory=self._pin)
+            rid = np.empty(req.total, dtype=np.int64)
+            xn, yn = x.numpy(), y.numpy()
+            for part, (_, idx) in zip(parts, req.takes, strict=True):
+                xn[idx], yn[idx], rid[idx] = part.x, part.y, part.row_id
+            return _Rows(x, y, rid)
+        finally:
+            for fut, _ in req.takes:
+                fut.release()
 
-    def _release_unused(self, pending: collections.deque[_Request]) -> None:
-        needed = set().union(*(r.partitions for r in pending)) if pending else set()
-        for p in list(self._held):
-            if p not in needed:
-                self._held.pop(p).release()
+    def _warm(self, plan: EpochPlan, steps: list[int]) -> set[int]:
+        """Start preparing the partitions of the windows ``steps`` read, a request ahead of their first use.
 
-    def batches(self, plan: EpochPlan, start_step: int = 0, y_dtype: np.dtype | None = None) -> Iterator[Batch]:
+        Otherwise the first request on a new shuffle window waits for all of its partitions to be read
+        and prepared, and the rank stalls at every window boundary.
+        """
+        if not steps:
+            return set()
+        begin, end = plan.batch_bounds(steps[0])[0], plan.batch_bounds(steps[-1])[1]
+        parts = {int(p) for w in plan.windows_between(begin, end) for p in plan.window_partitions(w)}
+        for p in parts:
+            self._partition(p)
+        return parts
+
+    def _release_unused(self, needed: set[int]) -> None:
+        for p in [p for p in self._held if p not in needed]:
+            self._held.pop(p).release()
+
+    def batches(
+        self, plan: EpochPlan, start_step: int = 0, y_dtype: np.dtype | None = None
+    ) -> Generator[Batch, None, None]:
         """This rank's batches of ``plan`` from ``start_step`` on, in step order."""
-        y_dtype = y_dtype or np.dtype(np.int64)
+        y_dtype = np.dtype(y_dtype or np.int64)
+        self._workers = sorted(self.client.nthreads())
         steps = list(plan.steps(start_step))
         chunks = [steps[i : i + self.chunk] for i in range(0, len(steps), self.chunk)]
-        pending: collections.deque[_Request] = collections.deque()
+        depth = 2 if self.prefetch >= 2 else 1
+        loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dtrain-stream")
+        alive: list[tuple[_Request, concurrent.futures.Future[_Rows]]] = []
+        ahead: set[int] = set()  # partitions of the chunk after the last one submitted
+
+        def launch(i: int) -> None:
+            nonlocal ahead
+            req = self._submit(plan, chunks[i])
+            alive.append((req, loader.submit(self._gather, req, y_dtype)))
+            ahead = self._warm(plan, chunks[i + 1] if i + 1 < len(chunks) else [])
+
         try:
-            for c in chunks[:2]:
-                pending.append(self._submit(plan, c))
-            next_chunk = 2
-            while pending:
-                req = pending.popleft()
-                if next_chunk < len(chunks):
-                    pending.append(self._submit(plan, chunks[next_chunk]))
-                    next_chunk += 1
-                rows = self._gather(req, y_dtype)
-                self._release_unused(pending)
-                x = torch.from_numpy(rows.x)
-                y = torch.from_numpy(rows.y)
-                if self.device.type == "cuda":
-                    x, y = x.pin_memory(), y.pin_memory()
+            for i in range(min(depth, len(chunks))):
+                launch(i)
+            for i in range(len(chunks)):
+                req, loading = alive[0]
+                with read_errors("the dataset"):
+                    rows = loading.result()
                 start = 0
                 for step, n, g in zip(req.steps, req.lengths, req.global_rows, strict=True):
                     sl = slice(start, start + n)
                     start += n
-                    yield Batch(plan.epoch, step, x[sl].to(self.device, non_blocking=True),
-                                y[sl].to(self.device, non_blocking=True), rows.row_id[sl], g)
+                    yield Batch(plan.epoch, step, rows.x[sl].to(self.device, non_blocking=True),
+                                rows.y[sl].to(self.device, non_blocking=True), rows.row_id[sl], g)
+                alive.pop(0)
+                del rows
+                if i + depth < len(chunks):
+                    launch(i + depth)
+                self._release_unused(ahead.union(*(r.partitions for r, _ in alive)))
         finally:
-            for req in pending:
-                for fut, _ in req.takes:
-                    fut.release()
-            self._release_unused(collections.deque())
+            # Stopped early (or failed): nothing more is loaded; a gather already running releases its
+            # own futures when it ends.
+            for req, loading in alive:
+                if loading.cancel():
+                    for fut, _ in req.takes:
+                        fut.release()
+            loader.shutdown(wait=False, cancel_futures=True)
+            self._release_unused(set())

@@ -108,7 +108,7 @@ def dask_client() -> Iterator[Any]:
     """A real in-machine Dask cluster (separate worker process) for cluster tests."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
                       host="127.0.0.1") as cluster, Client(cluster) as client:
         yield client
 

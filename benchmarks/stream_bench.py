@@ -1,0 +1,147 @@
+"""Samples/s streamed from Dask to one rank through ``Stream``, beside pyarrow reading the same files here.
+
+    .venv/bin/python benchmarks/stream_bench.py --rows 1000000 --json bench.json
+
+Both sides follow the same epoch plan (block shuffle over a window of partitions) with a no-op consumer:
+
+* ``stream``: a LocalCluster prepares the partitions (split, standardise) and cuts each request's rows
+  worker-side; the rank gathers them (``dtrain.stream.Stream``), as in training;
+* ``pyarrow``: this process reads a window's Parquet files with ``pyarrow.parquet.read_table``, converts
+  them to numpy once, standardises, and slices each batch out with the same plan positions: the
+  in-process upper bound, with no cluster, no serialisation and no memory bound across processes.
+
+The dataset is written by ``dtrain.datagen`` into a temporary directory unless ``--data`` names one.
+Prints a table and, with ``--json``, writes the numbers. A script, never a timed assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from distributed import Client, LocalCluster
+
+from dtrain import datagen
+from dtrain.config import DataConfig
+from dtrain.data import Dataset, Stats, open_source
+from dtrain.plan import EpochPlan, group_by_partition
+from dtrain.stream import Stream, rank_positions
+
+log = logging.getLogger(__name__)
+
+
+def bench_stream(client: Client, dataset: Dataset, stats: Stats, batch: int, prefetch: int, epochs: int,
+                 window: int) -> dict[str, Any]:
+    stream = Stream(client, dataset.partitions("train"), len(stats.features), 0, 1, prefetch)
+    rows, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        plan = EpochPlan(tuple(stats.train_sizes), batch, seed=0, epoch=epoch, shuffle_window=window)
+        for b in stream.batches(plan):
+            rows += b.rows
+    wall = time.perf_counter() - t0
+    return {"rows": rows, "seconds": wall, "samples_per_sec": rows / wall, "max_partitions_held": stream.max_held}
+
+
+def _load(path: str, features: list[str], mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    x = np.column_stack([table.column(f).to_numpy() for f in features]).astype(np.float32)
+    return (x - mean) / std, table.column("label").to_numpy()
+
+
+def bench_pyarrow(files: list[str], stats: Stats, batch: int, epochs: int, window: int,
+                  chunk: int) -> dict[str, Any]:
+    """The same plan over whole files (no validation split), read in this process."""
+    sizes = tuple(pq.ParquetFile(f).metadata.num_rows for f in files)
+    mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
+    rows, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        plan = EpochPlan(sizes, batch, seed=0, epoch=epoch, shuffle_window=window)
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        steps = list(plan.steps())
+        for c in range(0, len(steps), chunk):
+            for positions in rank_positions(plan, steps[c : c + chunk], 1, 0):
+                groups = group_by_partition(plan, positions)
+                for p in [p for p in cache if p not in {g[0] for g in groups}]:
+                    del cache[p]  # past its window: bounded memory, as the stream
+                x = np.empty((len(positions), len(stats.features)), np.float32)
+                y = np.empty(len(positions), np.int64)
+                for p, local, idx in groups:
+                    if p not in cache:
+                        cache[p] = _load(files[p], stats.features, mean, std)
+                    x[idx], y[idx] = cache[p][0][local], cache[p][1][local]
+                rows += len(positions)
+    wall = time.perf_counter() - t0
+    return {"rows": rows, "seconds": wall, "samples_per_sec": rows / wall}
+
+
+def best(run: Callable[[], dict[str, Any]], repeat: int) -> dict[str, Any]:
+    results = [run() for _ in range(max(1, repeat))]
+    return {**max(results, key=lambda r: r["samples_per_sec"]), "all_samples_per_sec": [r["samples_per_sec"]
+                                                                                       for r in results]}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="existing Parquet directory (default: write one with dtrain.datagen)")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--partitions", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256, help="rows per step (one rank: the global batch)")
+    ap.add_argument("--prefetch", default="8,64,256",
+                    help="steps in flight (dtrain --prefetch), comma-separated: one stream run each")
+    ap.add_argument("--shuffle-window", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="Dask workers (processes)")
+    ap.add_argument("--threads", type=int, default=2, help="threads per Dask worker")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest counts (shared machines)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or os.path.join(tmp, "data")
+        t0 = time.perf_counter()
+        if not args.data:
+            datagen.write(data, args.rows, args.features, 10, args.partitions)
+        gen_s = time.perf_counter() - t0
+        files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(".parquet"))
+        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0",
+                          host="127.0.0.1") as cluster, Client(cluster) as client:
+            cfg = DataConfig(data=data)
+            dataset = Dataset(open_source(cfg, 0), cfg, 0)
+            t0 = time.perf_counter()
+            stats = dataset.compute_stats()
+            stats_s = time.perf_counter() - t0
+            # pyarrow first: the first Stream tunes malloc for the whole process (dtrain.stream).
+            arrow = best(lambda: bench_pyarrow(files, stats, args.batch, args.epochs, args.shuffle_window,
+                                               max(prefetches) // 2), args.repeat)
+            streams = {f"stream prefetch={pf}": best(functools.partial(
+                bench_stream, client, dataset, stats, args.batch, pf, args.epochs, args.shuffle_window), args.repeat)
+                for pf in prefetches}
+
+    runs = {**streams, "pyarrow in-process": arrow}
+    result = {"config": vars(args), "datagen_seconds": gen_s, "stats_seconds": stats_s,
+              "runs": runs}
+    print(f"{'path':<24} {'rows':>10} {'seconds':>8} {'samples/s':>12} {'vs pyarrow':>10}")
+    for name, r in runs.items():
+        ratio = r["samples_per_sec"] / arrow["samples_per_sec"]
+        print(f"{name:<24} {r['rows']:>10} {r['seconds']:>8.2f} {r['samples_per_sec']:>12,.0f} {ratio:>10.2f}")
+    print(f"(datagen {gen_s:.1f}s, statistics pass {stats_s:.1f}s, batch {args.batch}, {args.partitions} partitions, "
+          f"shuffle window {args.shuffle_window})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
