@@ -21,6 +21,8 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -89,6 +91,16 @@ def best(run: Callable[[], dict[str, Any]], repeat: int) -> dict[str, Any]:
                                                                                        for r in results]}
 
 
+def real_run_stall(data: str, batch: int, run_dir: str) -> dict[str, Any]:
+    """The fraction of step time a real training run waits for the stream (its metrics' data_stall)."""
+    subprocess.run([sys.executable, "-m", "dtrain", "--data", data, "--epochs", "1", "--global-batch-size",
+                    str(batch), "--run-dir", run_dir, "--log-every", "20"], check=True, capture_output=True)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f if '"data_stall"' in line][1:]  # skip the warm-up line
+    return {"lines": len(lines), "data_stall_median": float(np.median([m["data_stall"] for m in lines])),
+            "samples_per_sec_median": float(np.median([m["samples_per_sec"] for m in lines]))}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,16 +140,20 @@ def main() -> None:
             streams = {f"stream prefetch={pf}": best(functools.partial(
                 bench_stream, client, dataset, stats, args.batch, pf, args.epochs, args.shuffle_window), args.repeat)
                 for pf in prefetches}
+        stall = real_run_stall(data, args.batch, os.path.join(tmp, "run"))
 
     runs = {**streams, "pyarrow in-process": arrow}
     result = {"config": vars(args), "datagen_seconds": gen_s, "stats_seconds": stats_s,
-              "runs": runs}
+              "runs": runs, "real_run": stall}
     print(f"{'path':<24} {'rows':>10} {'seconds':>8} {'samples/s':>12} {'vs pyarrow':>10}")
     for name, r in runs.items():
         ratio = r["samples_per_sec"] / arrow["samples_per_sec"]
         print(f"{name:<24} {r['rows']:>10} {r['seconds']:>8.2f} {r['samples_per_sec']:>12,.0f} {ratio:>10.2f}")
     print(f"(datagen {gen_s:.1f}s, statistics pass {stats_s:.1f}s, batch {args.batch}, {args.partitions} partitions, "
           f"shuffle window {args.shuffle_window})")
+    print(f"real run (python -m dtrain, 1 rank, default MLP, one epoch): waits for data "
+          f"{100 * stall['data_stall_median']:.1f}% of step time (median of {stall['lines']} metrics lines), "
+          f"{stall['samples_per_sec_median']:,.0f} samples/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
