@@ -25,8 +25,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 # Plain SGD keeps the dynamics contractive, so runs that differ only in floating-point reduction
 # order stay within 1e-6 of each other (with momentum or Adam, 1e-7 differences grow chaotically over
 # a thousand steps and no two runs of different world sizes could be compared).
-TRAIN = ["--gen-rows", "40000", "--global-batch-size", "64", "--epochs", "2", "--optimizer", "sgd",
-         "--momentum", "0", "--lr", "0.02", "--log-every", "10", "--commit-every", "20"]
+# Three epochs: long enough that a host can rejoin (a joining worker starts Python, Horovod and Dask
+# and computes the statistics) before one rank alone finishes, even on a loaded machine.
+TRAIN = ["--gen-rows", "40000", "--global-batch-size", "64", "--epochs", "3", "--optimizer", "sgd",
+         "--momentum", "0", "--lr", "0.01", "--log-every", "10", "--commit-every", "20"]
 DISCOVER = str(REPO / "launch" / "discover_hosts.py")
 
 
@@ -46,8 +48,15 @@ def until_world(run_dir: Path, size: int, after: int) -> Any:
     return lambda: next((m for m in metrics_lines(run_dir)[after:] if m["world_size"] == size), None)
 
 
-def check_audit(audit: Path, commit_every: int) -> int:
-    """Every row once per epoch; steps rolled back are retrained exactly once more. Returns retrained steps."""
+def check_audit(audit: Path, run: Path) -> int:
+    """Every row trained in exactly one step of each epoch; steps rolled back to the last commit are
+    trained once more. Returns how many steps were retrained.
+
+    A rank killed between a step's allreduce and its audit write contributed its rows without
+    recording them, so in a rolled-back step the killed rank's rows may show once where the others
+    show twice: such steps may be uneven, but only within the rollback window.
+    """
+    train_rows = sum(json.loads((run / "stats.json").read_text())["train_sizes"])
     per_step: dict[tuple[int, int], collections.Counter[int]] = collections.defaultdict(collections.Counter)
     for f in audit.glob("*.jsonl"):
         for line in f.read_text().splitlines():
@@ -59,15 +68,13 @@ def check_audit(audit: Path, commit_every: int) -> int:
         for (e, step), rows in per_step.items():
             if e != epoch:
                 continue
-            times = set(rows.values())
-            assert len(times) == 1, f"epoch {e} step {step}: rows trained unevenly {times}"
-            retrained += times.pop() - 1
+            assert set(rows.values()) <= {1, 2}, f"epoch {e} step {step}: rows trained {set(rows.values())} times"
+            retrained += max(rows.values()) - 1
             for row in rows:
                 assert row not in owner, f"row {row} in steps {owner[row]} and {step} of epoch {e}"
                 owner[row] = step
-        assert len(owner) == len(set().union(*(r for (e, _), r in per_step.items() if e == epoch)))
+        assert len(owner) == train_rows, f"epoch {epoch}: {len(owner)} of {train_rows} rows trained"
     return retrained
-
 
 def max_rel_diff(a: Path, b: Path) -> float:
     x, y = torch.load(a / "model.pt"), torch.load(b / "model.pt")
@@ -101,7 +108,7 @@ def run_elastic(dask_client: Any, tmp_path: Path, hosts: str, disrupt: Any) -> t
 
 def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
     def disrupt(proc: Any, run: Path, hosts_file: Path) -> None:
-        wait_for("step 150 on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 150], proc)
+        wait_for("step 100 on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 100], proc)
         seen = len(metrics_lines(run))
         hosts_file.write_text("localhost:1\n")  # graceful removal of a slot
         wait_for("the world shrinking to 1", until_world(run, 1, seen), proc)
@@ -114,7 +121,7 @@ def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
     assert 1 in sizes and sizes[0] == 2 and sizes[-1] == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == json.loads((fixed_size_run / "summary.json").read_text())["steps"]
-    assert check_audit(audit, 20) == 0  # graceful changes happen at commits: nothing is retrained
+    assert check_audit(audit, run) == 0  # graceful changes happen at commits: nothing is retrained
     assert max_rel_diff(run, fixed_size_run) < 1e-5
 
 
@@ -122,7 +129,7 @@ def test_rank_killed_then_host_returns(dask_client, fixed_size_run, tmp_path):
     timings: dict[str, float] = {}
 
     def disrupt(proc: Any, run: Path, hosts_file: Path) -> None:
-        wait_for("step 150 on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 150], proc)
+        wait_for("step 100 on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 100], proc)
         victim = wait_for("the rank on 127.0.0.1", lambda: next(
             (p for p in psutil.Process(proc.pid).children(recursive=True)
              if "dtrain" in " ".join(p.cmdline()) and p.environ().get("HOROVOD_HOSTNAME") == "127.0.0.1"), None), proc)
@@ -140,7 +147,7 @@ def test_rank_killed_then_host_returns(dask_client, fixed_size_run, tmp_path):
     assert recovery < 30, "recovery took Gloo-timeout long"
     sizes = world_sizes(run)
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2
-    retrained = check_audit(audit, 20)
+    retrained = check_audit(audit, run)
     assert retrained <= 20  # at most the steps since the last commit
     assert max_rel_diff(run, fixed_size_run) < 1e-5
 
