@@ -22,13 +22,14 @@ from conftest import HOROVODRUN, PYTHON, REPO, metrics_lines, start_job, wait_fo
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
-# Plain SGD keeps the dynamics contractive, so runs that differ only in floating-point reduction
-# order stay within 1e-6 of each other (with momentum or Adam, 1e-7 differences grow chaotically over
-# a thousand steps and no two runs of different world sizes could be compared).
+# A convex model (logistic regression) with plain SGD keeps the dynamics contractive, so runs that
+# differ only in floating-point reduction order (here: where the world changed size) stay within 1e-5.
+# With an MLP, ReLUs that flip on such differences, momentum or Adam, 1e-7 differences grow
+# chaotically over a thousand steps (measured 1e-4 to 26%), elastic or not.
 # Three epochs: long enough that a host can rejoin (a joining worker starts Python, Horovod and Dask
 # and computes the statistics) before one rank alone finishes, even on a loaded machine.
 TRAIN = ["--gen-rows", "40000", "--global-batch-size", "64", "--epochs", "3", "--optimizer", "sgd",
-         "--momentum", "0", "--lr", "0.01", "--log-every", "10", "--commit-every", "20"]
+         "--momentum", "0", "--lr", "0.05", "--model", "logistic", "--log-every", "10", "--commit-every", "20"]
 DISCOVER = str(REPO / "launch" / "discover_hosts.py")
 
 
