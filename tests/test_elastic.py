@@ -26,18 +26,31 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 # differ only in floating-point reduction order (here: where the world changed size) stay within 1e-5.
 # With an MLP, ReLUs that flip on such differences, momentum or Adam, 1e-7 differences grow
 # chaotically over a thousand steps (measured 1e-4 to 26%), elastic or not.
-# Three epochs: long enough that a host can rejoin (a joining worker starts Python, Horovod and Dask
-# and computes the statistics) before one rank alone finishes, even on a loaded machine.
+# The elastic runs use the same model slowed down while the test changes the world (see
+# fixtures/paced_model.py): a host takes seconds to rejoin whatever the machine's speed, so without
+# pacing a fast machine finishes the epochs on one rank before the host is back.
 TRAIN = ["--gen-rows", "40000", "--global-batch-size", "64", "--epochs", "3", "--optimizer", "sgd",
          "--momentum", "0", "--lr", "0.05", "--model", "logistic", "--log-every", "10", "--commit-every", "20"]
 DISCOVER = str(REPO / "launch" / "discover_hosts.py")
+FIXTURES = str(Path(__file__).parent / "fixtures")
+
+
+def paced(train: list[str]) -> list[str]:
+    return [("paced_model:factory" if arg == "logistic" else arg) for arg in train]
 
 
 def elastic_command(scheduler: str, run_dir: Path, audit: Path) -> list[str]:
     return [HOROVODRUN, "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script", DISCOVER,
             "--network-interfaces", "lo", "--gloo-timeout-seconds", "10", "--blacklist-cooldown-range", "2", "4",
             PYTHON, "-m", "dtrain", "--scheduler", scheduler, "--run-dir", str(run_dir),
-            "--audit-dir", str(audit), *TRAIN]
+            "--audit-dir", str(audit), *paced(TRAIN)]
+
+
+def start_elastic(cmd: list[str], log: Path, hosts_file: Path, pace: Path) -> Any:
+    """Start an elastic job whose training is slowed down while ``pace`` exists."""
+    pace.touch()
+    return start_job(cmd, log, env={"DTRAIN_HOSTS_FILE": str(hosts_file), "PYTHONPATH": FIXTURES,
+                                    "PACED_MODEL_FILE": str(pace)})
 
 
 def world_sizes(run_dir: Path) -> list[int]:
@@ -96,10 +109,11 @@ def fixed_size_run(dask_client, tmp_path_factory) -> Path:
 def run_elastic(dask_client: Any, tmp_path: Path, hosts: str, disrupt: Any) -> tuple[Path, Path, str]:
     hosts_file, run, audit, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "audit", tmp_path / "log.txt"
     hosts_file.write_text(hosts)
-    proc = start_job(elastic_command(dask_client.scheduler.address, run, audit), log,
-                     env={"DTRAIN_HOSTS_FILE": str(hosts_file)})
+    pace = tmp_path / "pace"
+    proc = start_elastic(elastic_command(dask_client.scheduler.address, run, audit), log, hosts_file, pace)
     try:
         disrupt(proc, run, hosts_file)
+        pace.unlink()  # the world is back to 2 ranks: finish at full speed
         assert proc.wait(timeout=400) == 0, log.read_text()[-6000:]
     finally:
         if proc.poll() is None:
@@ -159,7 +173,7 @@ def test_min_np_not_met_ends_with_message_and_checkpoint(dask_client, tmp_path):
     cmd = elastic_command(dask_client.scheduler.address, run, tmp_path / "audit")
     cmd[cmd.index("--min-np") + 1] = "2"
     cmd[1:1] = ["--elastic-timeout", "10"]
-    proc = start_job(cmd, log, env={"DTRAIN_HOSTS_FILE": str(hosts_file)})
+    proc = start_elastic(cmd, log, hosts_file, tmp_path / "pace")
     try:
         wait_for("step 150", lambda: [m for m in metrics_lines(run) if m["step"] >= 150], proc)
         hosts_file.write_text("localhost:1\n")  # below --min-np 2 for good
