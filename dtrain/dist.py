@@ -3,18 +3,38 @@
 Every helper also works in one plain process (no horovodrun): the world is then of size 1 and the
 collectives return their input, so the rest of dtrain never asks whether it is distributed.
 
-Performance defaults for CPU (measured on 2 cores, 2 ranks, small MLP: 57 ms/step with default threads,
-7.9 ms with one intra-op thread per rank, 2.6 ms adding a 0.1 ms Horovod cycle time):
+Performance choices, made by ``init()`` on CPU where the user has not made them (measured on 2 cores;
+rationale, numbers and how to reproduce them: docs/performance.md):
 
-* torch intra-op threads = usable cores // ranks on this host, so ranks do not oversubscribe cores;
-* ``HOROVOD_CYCLE_TIME`` = 0.1 ms: Horovod's background thread otherwise waits up to its default cycle
-  (several ms) before each collective, which dominates a small model's step on CPU.
+* torch intra-op threads = usable cores // ranks on this host, so ranks do not oversubscribe the
+  cores (unless ``OMP_NUM_THREADS`` is set);
+* the gradient collectives (``allreduce_sum_``, ``allreduce_average_``) travel as *one flat buffer*:
+  several tensors are packed into a buffer kept between steps, or, when they already are views that
+  tile one buffer in order, that buffer is reduced with no copy at all. Horovod's own fusion of a
+  tensor list (a grouped allreduce) measured up to 2x slower than one tensor of the same bytes;
+* on one host (every rank local, not elastic, no GPU), the flat buffer is summed by
+  ``torch.distributed`` on a Gloo process group set up beside Horovod (DDP's transport), not by
+  Horovod: Horovod negotiates every collective in a background thread that wakes each
+  ``HOROVOD_CYCLE_TIME`` and runs a small collective of its own *every cycle*, even when idle, which
+  on 2 cores cost about half a core per rank and made each step's allreduce several times slower
+  than Gloo's own. Horovod still carries everything else (broadcasts, gathers, barriers, Adasum, the
+  elastic API), so its cycle is set to ``CONTROL_CYCLE_TIME_MS`` (10 ms): those are rare and the idle
+  background thread then costs ~3% of a core. ``DTRAIN_ALLREDUCE=horovod`` keeps Horovod for the
+  gradients too (``torch`` asks for the Gloo group on several hosts as well; ``auto`` is the default);
+* where Horovod carries the gradients, ``HOROVOD_CYCLE_TIME`` = 0.1 ms (``CPU_CYCLE_TIME_MS``):
+  Horovod's default cycle (1 ms) otherwise adds its wait to each step's collective;
+* ``HOROVOD_FUSION_THRESHOLD`` is left at Horovod's default: one flat tensor has nothing to fuse.
 
-Both are applied only where the user has not set them (``OMP_NUM_THREADS``, ``HOROVOD_CYCLE_TIME``).
+Horovod's own tools pass through: ``HOROVOD_AUTOTUNE=1`` (with ``HOROVOD_AUTOTUNE_LOG``) and
+``HOROVOD_TIMELINE=path`` are read by Horovod at ``hvd.init()``; with either set, ``auto`` keeps the
+gradients on Horovod (so the tuner and the timeline see them), and with autotune the cycle time is
+left unset for the tuner to choose. ``HOROVOD_CYCLE_TIME``, ``HOROVOD_FUSION_THRESHOLD`` and
+``OMP_NUM_THREADS`` set by the user always win.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,8 +49,17 @@ T = TypeVar("T")
 # Set by init(): the horovod.torch module when launched by horovodrun, else None (one process).
 _hvd: Any = None
 _initialized = False
+# Set by init() where torch.distributed carries the gradient collectives (see gradient_transport()).
+_group: Any = None
+# Flat buffers the gradient collectives pack into, kept between steps: (name, dtype, device) -> buffer.
+_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
-CPU_CYCLE_TIME_MS = "0.1"
+CPU_CYCLE_TIME_MS = "0.1"  # Horovod carries the gradients: its cycle is on every step's critical path
+CONTROL_CYCLE_TIME_MS = "10"  # Horovod carries only rare control messages: keep its idle polling cheap
+TRANSPORT_ENV = "DTRAIN_ALLREDUCE"
+TRANSPORTS = ("auto", "torch", "horovod")
+# Allowed for a peer to reach a collective, e.g. while it waits for its data: as torch's own default.
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launched_by_horovodrun() -> bool:
@@ -44,14 +73,43 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip() not in ("", "0")
+
+
+def gradient_transport() -> str:
+    """``"torch"`` or ``"horovod"``: what will carry the gradient collectives (read before ``init``).
+
+    ``DTRAIN_ALLREDUCE``: ``auto`` (default) picks torch.distributed's Gloo when every rank is on this
+    host (horovodrun's ``HOROVOD_CROSS_SIZE`` is 1), the run is not elastic, there is no GPU (NCCL
+    through Horovod there) and neither Horovod's autotuner nor its timeline was asked for; ``torch``
+    also on several hosts; ``horovod`` never.
+    """
+    choice = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
+    if choice not in TRANSPORTS:
+        from dtrain.config import UserError
+
+        raise UserError(f"{TRANSPORT_ENV}={choice!r}: choose one of {', '.join(TRANSPORTS)}")
+    if (choice == "horovod" or not launched_by_horovodrun() or os.environ.get("HOROVOD_ELASTIC") == "1"
+            or torch.cuda.is_available()):
+        return "horovod"
+    if choice == "auto" and (_env_flag("HOROVOD_AUTOTUNE") or os.environ.get("HOROVOD_TIMELINE")
+                             or os.environ.get("HOROVOD_CROSS_SIZE", "") != "1"):
+        return "horovod"
+    return "torch"
+
+
 def init() -> None:
     """Join the Horovod world if launched by horovodrun; otherwise become a world of one."""
-    global _hvd, _initialized
+    global _hvd, _initialized, _group
     if _initialized:
         return
     if launched_by_horovodrun():
-        if not torch.cuda.is_available():
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
+        transport = gradient_transport()
+        if not torch.cuda.is_available() and not _env_flag("HOROVOD_AUTOTUNE"):
+            # Read by Horovod's background thread when it starts (hvd.init); the user's value wins.
+            os.environ.setdefault("HOROVOD_CYCLE_TIME",
+                                  CONTROL_CYCLE_TIME_MS if transport == "torch" else CPU_CYCLE_TIME_MS)
         try:
             import horovod.torch as hvd
         except ImportError as e:
@@ -60,9 +118,53 @@ def init() -> None:
             raise UserError(f"horovod.torch cannot be imported ({e}); run launch/setup.sh") from None
         hvd.init()
         _hvd = hvd
+        if transport == "torch" and hvd.size() > 1:
+            _group = _gloo_group()
     _initialized = True
     configure_threads()
-    log.debug("rank %d of %d (local %d of %d)", rank(), size(), local_rank(), local_size())
+    log.debug("rank %d of %d (local %d of %d), gradients over %s", rank(), size(), local_rank(), local_size(),
+              "torch.distributed Gloo" if _group is not None else "Horovod")
+
+
+def _gloo_group() -> Any:
+    """A torch.distributed Gloo process group over Horovod's ranks; rank 0's store address is broadcast.
+
+    None (Horovod then carries the gradients) if this process already has a default group of its own.
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        log.info("torch.distributed is already initialised by this program: gradients travel over Horovod")
+        return None
+    iface = os.environ.get("HOROVOD_GLOO_IFACE")
+    if iface:  # the interface horovodrun chose for Gloo (``lo`` on one host): Gloo's sockets use it too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+    host = "127.0.0.1" if os.environ.get("HOROVOD_CROSS_SIZE") == "1" else _interface_address(iface)
+    store = None
+    port = 0
+    if _hvd.rank() == 0:  # port 0: the OS picks a free one, no race with other jobs on this host
+        store = tdist.TCPStore(host, 0, _hvd.size(), is_master=True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
+        port = store.port
+    port = _hvd.broadcast_object(port, root_rank=0, name="dtrain-gloo-store")
+    if store is None:
+        store = tdist.TCPStore(host, port, _hvd.size(), is_master=False, timeout=GROUP_TIMEOUT)
+    tdist.init_process_group("gloo", store=store, rank=_hvd.rank(), world_size=_hvd.size(), timeout=GROUP_TIMEOUT)
+    return tdist.group.WORLD
+
+
+def _interface_address(iface: str | None) -> str:
+    """Rank 0's IPv4 address on ``iface`` (every rank reaches it there), broadcast to all."""
+    address = None
+    if _hvd.rank() == 0:
+        import socket
+
+        import psutil
+
+        addrs = psutil.net_if_addrs().get(iface or "", []) if iface else []
+        address = next((a.address for a in addrs if a.family == socket.AF_INET), None) or socket.gethostbyname(
+            socket.gethostname())
+    result: str = _hvd.broadcast_object(address, root_rank=0, name="dtrain-gloo-host")
+    return result
 
 
 def configure_threads() -> int:
@@ -75,10 +177,15 @@ def configure_threads() -> int:
 
 
 def shutdown() -> None:
-    global _hvd, _initialized
+    global _hvd, _initialized, _group
+    if _group is not None:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
     if _hvd is not None:
         _hvd.shutdown()
-    _hvd, _initialized = None, False
+    _hvd, _initialized, _group = None, False, None
+    _buffers.clear()
 
 
 def is_distributed() -> bool:
@@ -114,28 +221,108 @@ def device() -> torch.device:
 
 def allreduce_sum_(tensors: Sequence[torch.Tensor], name: str = "grads", compression: str = "none",
                    uncompressed: Sequence[torch.Tensor] = ()) -> None:
-    """Sum ``tensors`` and ``uncompressed`` in place across ranks, all in one fused collective.
+    """Sum ``tensors`` and ``uncompressed`` in place across ranks, as one flat buffer in one collective.
 
     ``compression="fp16"`` sends ``tensors`` as float16 (half the bytes), as Horovod's
     ``Compression.fp16`` does; ``uncompressed`` (e.g. loss sums and counts, which float16 would
     overflow or round) always travel at full precision.
+
+    Fastest when ``tensors`` followed by ``uncompressed`` are views that tile one 1-D buffer in order
+    (see ``flat_views``): that buffer is reduced in place, with no copy.
     """
     if not is_distributed() or not (tensors or uncompressed):
         return
     if compression == "fp16":
-        wire = [t.to(torch.float16) if t.is_floating_point() else t for t in tensors]
-        _hvd.grouped_allreduce_([*wire, *uncompressed], op=_hvd.Sum, name=name)
-        for t, w in zip(tensors, wire, strict=True):
-            if w is not t:
-                t.copy_(w)
+        if _group is None:  # Horovod: one grouped collective, the float16 copies beside the counts
+            wire = [t.to(torch.float16) if t.is_floating_point() else t for t in tensors]
+            _hvd.grouped_allreduce_([*wire, *uncompressed], op=_hvd.Sum, name=name)
+            for t, w in zip(tensors, wire, strict=True):
+                if w is not t:
+                    t.copy_(w)
+            return
+        _sum_flat_(list(tensors), name, wire_dtype=torch.float16)
+        _sum_flat_(list(uncompressed), name + "-counts")
         return
-    _hvd.grouped_allreduce_([*tensors, *uncompressed], op=_hvd.Sum, name=name)
+    _sum_flat_([*tensors, *uncompressed], name)
 
 
 def allreduce_average_(tensors: Sequence[torch.Tensor], name: str = "params") -> None:
     """Average ``tensors`` in place across ranks (local SGD's parameter averaging)."""
     if is_distributed() and tensors:
-        _hvd.grouped_allreduce_(list(tensors), op=_hvd.Average, name=name)
+        _sum_flat_(list(tensors), name)
+        for t in tensors:
+            t.div_(size())
+
+
+def flat_views(like: Sequence[torch.Tensor], extra: int = 0,
+               dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Zeroed tensors shaped as ``like``, plus ``extra`` more elements, all views into one new buffer.
+
+    Gradients allocated this way (``p.grad = view``), with the step's counts as the ``extra`` tail,
+    let ``allreduce_sum_(views, uncompressed=[tail])`` reduce the whole buffer with no copy, as DDP's
+    ``gradient_as_bucket_view`` does. Returns ``(views, tail)``.
+    """
+    device = like[0].device if like else torch.device("cpu")
+    buf = torch.zeros(sum(t.numel() for t in like) + extra, dtype=dtype, device=device)
+    views, offset = [], 0
+    for t in like:
+        views.append(buf[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views, buf[offset:]
+
+
+def _tiled_base(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D contiguous buffer that ``tensors`` tile exactly, in order and with no gap, if they do."""
+    base = tensors[0]._base if tensors[0]._base is not None else tensors[0]
+    if base.dim() != 1 or not base.is_contiguous():
+        return None
+    offset = base.storage_offset()
+    for t in tensors:
+        if (t is not base and t._base is not base) or not t.is_contiguous() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
+
+
+def _sum_flat_(tensors: list[torch.Tensor], name: str, wire_dtype: torch.dtype | None = None) -> None:
+    """Sum ``tensors`` in place across ranks as one flat buffer (see the module's docstring)."""
+    if not tensors:
+        return
+    kinds = {(t.dtype, t.device) for t in tensors}
+    if len(kinds) > 1:  # mixed dtypes or devices: one buffer per kind, in first-seen order
+        for dtype, dev in dict.fromkeys((t.dtype, t.device) for t in tensors):
+            _sum_flat_([t for t in tensors if t.dtype == dtype and t.device == dev], f"{name}-{dtype}", wire_dtype)
+        return
+    base = _tiled_base(tensors)
+    if base is None:
+        dtype, dev = kinds.pop()
+        numel = sum(t.numel() for t in tensors)
+        buf = _buffers.get((name, dtype, dev))
+        if buf is None or buf.numel() != numel:
+            buf = _buffers[(name, dtype, dev)] = torch.empty(numel, dtype=dtype, device=dev)
+        torch.cat([t.reshape(-1) for t in tensors], out=buf)
+    else:
+        buf = base
+    if wire_dtype is not None and buf.is_floating_point() and buf.dtype != wire_dtype:
+        wire = buf.to(wire_dtype)
+        _collective_sum_(wire, name)
+        buf.copy_(wire)
+    else:
+        _collective_sum_(buf, name)
+    if base is None:
+        offset = 0
+        for t in tensors:
+            t.copy_(buf[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+
+
+def _collective_sum_(buf: torch.Tensor, name: str) -> None:
+    if _group is not None:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(buf, group=_group)
+    else:
+        _hvd.allreduce_(buf, op=_hvd.Sum, name=name)
 
 
 def adasum_(tensors: Sequence[torch.Tensor], name: str = "grads") -> None:
@@ -208,13 +395,20 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
     return value
 
 
+# What Gloo (torch.distributed) says when a peer's process is gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
 def peer_failure(error: BaseException) -> bool:
-    """Whether ``error`` is Horovod reporting that another rank failed (its traceback is shown there)."""
+    """Whether ``error`` is Horovod, or the Gloo group carrying the gradients, reporting that another
+    rank failed (its traceback is shown there)."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(s in text for s in _PEER_GONE):
+        return True
     try:
         from horovod.common.exceptions import HorovodInternalError
     except ImportError:
         return False
-    text = str(error)
     return isinstance(error, HorovodInternalError) or "Horovod has been shut down" in text
 
 
