@@ -107,6 +107,18 @@ def step_seed(seed: int, global_step: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step * 1_009 + rank) % (2**63)
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generator dropout draws from on ``device`` for one step.
+
+    Not ``torch.manual_seed``: that also queues a seed for every lazily initialised accelerator and
+    formats a stack trace for it, ~150 us a call here, a few percent of a small model's step.
+    """
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 @dataclass
 class Meter:
     """Running sums between two metrics lines."""
@@ -263,9 +275,20 @@ def run(cfg: Config) -> dict[str, Any]:
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # every rank must offer the same tensors to the allreduce, used or not
-            p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
+        # Every rank offers the same tensors to the allreduce, used or not. The gradients are views
+        # into one buffer whose tail holds the step's loss sum, correct predictions, rows and stop
+        # votes (as DDP's gradient_as_bucket_view): autograd accumulates into the views in place and
+        # the step's one collective reduces the buffer as it is, with no packing copy.
+        counts: torch.Tensor
+        if params and all(p.dtype == torch.float32 and p.device == device for p in params):
+            grads, counts = dist.flat_views(params, extra=4)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        else:  # mixed dtypes or devices: separate tensors, packed by the collective
+            grads = [torch.zeros_like(p) for p in params]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            counts = torch.zeros(4, dtype=torch.float32, device=device)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
         amp = cfg.train.amp and device.type == "cuda"
@@ -301,8 +324,7 @@ def run(cfg: Config) -> dict[str, Any]:
             progress = Progress(dist.is_main(), cfg.run.progress_seconds)
             last_loss = float("nan")
             final_eval: dict[str, float] | None = None  # the last evaluation, while still current
-            # Loss sum, correct predictions, rows and stop votes, combined across ranks with the gradients.
-            counts = torch.zeros(4, dtype=torch.float32, device=device)
+            counts.zero_()  # a reset may have left a rolled-back step's sums
             syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
             stop = False
 
@@ -326,7 +348,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 for batch in timed(train_stream.batches(plan(epoch), start_step, y_dtype), current_meter):
                     for g in optimizer.param_groups:
                         g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps)
-                    torch.manual_seed(step_seed(seed, state.global_step, rank))
+                    seed_step(step_seed(seed, state.global_step, rank), device)
                     optimizer.zero_grad(set_to_none=False)
                     # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
                     # for: the whole global batch when gradients are summed across ranks, its own rows
@@ -334,7 +356,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     per_rank = local_sgd or adasum
                     loss, right = forward_backward(model, batch, stats.task, cfg.train.accumulate,
                                                    max(batch.rows, 1) if per_rank else batch.global_rows, amp)
-                    counts += torch.tensor([loss, right, batch.rows, 0.0], device=device)
+                    counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
                     sync = not local_sgd or (state.global_step + 1) % cfg.train.sync_every == 0 \
                         or state.global_step + 1 >= total_steps
                     if sync:
