@@ -1,0 +1,101 @@
+"""What every contender of ``python -m dtrain.bench`` shares: model, data, timing and the result line.
+
+Kept apart from the training code of each contender, so that each script shows its training loop as
+its users would write it. Contenders are run as scripts (``python benchmarks/peers/x.py``, also under
+``torchrun`` or ``horovodrun``), so this module is imported from the script's own directory.
+
+The result is one line on stdout, ``BENCH_RESULT {json}``, written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# name -> (inputs, hidden widths, outputs). "small" is latency-bound (per-step overheads dominate),
+# "large" compute-bound (matrix multiplies dominate).
+MODELS: dict[str, tuple[int, list[int], int]] = {
+    "small": (100, [256, 256], 10),
+    "large": (100, [2048, 2048], 10),
+}
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", choices=sorted(MODELS), default="small")
+    ap.add_argument("--global-batch", type=int, default=128, help="rows per optimizer step across all ranks")
+    ap.add_argument("--rows", type=int, default=16384, help="rows of the in-memory synthetic dataset")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps before the first window")
+    ap.add_argument("--window-seconds", type=float, default=1.0, help="aimed length of a timed window")
+    ap.add_argument("--max-steps", type=int, default=2000, help="at most this many steps per window")
+    ap.add_argument("--windows", type=int, default=5, help="timed windows (one samples/s figure each)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=0.01)
+    return ap
+
+
+def build_model(name: str) -> nn.Module:
+    """A plain MLP (the same layers as ``dtrain.models.mlp``)."""
+    inputs, hidden, outputs = MODELS[name]
+    layers: list[nn.Module] = []
+    width = inputs
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, outputs))
+    return nn.Sequential(*layers)
+
+
+def synthetic(rows: int, model: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic in-memory classification data for ``model``'s input and output sizes."""
+    inputs, _, outputs = MODELS[model]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, inputs, generator=g), torch.randint(0, outputs, (rows,), generator=g)
+
+
+def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Namespace,
+            agree: Callable[[int], int] = lambda n: n, sync: Callable[[], Any] | None = None) -> list[float]:
+    """Samples/s of ``args.windows`` consecutive timed windows of calls of ``step``, after a warm-up.
+
+    The steps per window are sized from the warm-up to last about ``args.window_seconds``; every rank
+    must run the same number of steps (a collective inside ``step`` keeps them in lock step), so rank
+    0's number is used everywhere (``agree``, a broadcast). ``sync`` (a barrier) lines the ranks up
+    before the first window.
+    """
+    for _ in range(args.warmup):
+        step()
+    probe = 3
+    t0 = time.perf_counter()
+    for _ in range(probe):
+        step()
+    per_step = max((time.perf_counter() - t0) / probe, 1e-6)
+    steps = agree(int(min(args.max_steps, max(2, args.window_seconds / per_step))))
+    if sync is not None:
+        sync()
+    rates = []
+    for _ in range(args.windows):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(steps * samples_per_step / (time.perf_counter() - t0))
+    return rates
+
+
+def report(contender: str, args: argparse.Namespace, rates: list[float], world: int, rank: int,
+           **extra: Any) -> None:
+    if rank != 0:
+        return
+    result = {"contender": contender, "model": args.model, "global_batch": args.global_batch, "world_size": world,
+              "samples_per_sec": rates, "torch_threads": torch.get_num_threads(),
+              "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")
+                      if k in os.environ}, **extra}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)

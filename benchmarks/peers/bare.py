@@ -1,0 +1,46 @@
+"""Bare PyTorch: one process, torch's default threads (all usable cores), the whole batch in one step.
+
+    python benchmarks/peers/bare.py --model small --global-batch 128
+
+The baseline of B1 (dtrain's overhead on one rank) and of B3 (the ceiling: what 2 ranks on this host
+could at best reach). Batches are views sliced from in-memory tensors: no loader cost at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from _harness import build_model, measure, parser, report, synthetic
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    x, y = synthetic(args.rows, args.model, args.seed)
+    b = args.global_batch
+    starts = range(0, args.rows - b + 1, b)
+    it = iter(starts)
+
+    def step() -> None:
+        nonlocal it
+        i = next(it, None)
+        if i is None:
+            it = iter(starts)
+            i = next(it)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[i : i + b]), y[i : i + b])
+        loss.backward()
+        opt.step()
+
+    rates = measure(step, b, args)
+    report("bare", args, rates, world=1, rank=0)
+
+
+if __name__ == "__main__":
+    main()

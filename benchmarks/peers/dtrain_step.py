@@ -1,0 +1,117 @@
+"""dtrain's training step on in-memory tensors: the per-step code path of ``dtrain.engine.run``.
+
+    python benchmarks/peers/dtrain_step.py --model small --global-batch 128                  # 1 rank
+    horovodrun -np 2 -H localhost:2 --gloo python benchmarks/peers/dtrain_step.py --model small
+
+The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
+learning rate set per step, the per-step dropout seed (``torch.manual_seed``),
+``optimizer.zero_grad(set_to_none=False)``, ``engine.forward_backward`` (loss *sum* / global rows),
+the loss and counts added into ``counts`` (``counts += torch.tensor(...)``), the stop vote,
+``dist.allreduce_sum_(grads, uncompressed=[counts])`` (one collective), ``optimizer.step()``,
+``counts.tolist()``. Only the Dask stream is left out: each rank slices its part of every global
+batch (``plan.rank_slice``) from the same in-memory tensors, so this measures the training engine
+alone. ``dtrain.dist.init()`` applies dtrain's performance settings (threads, transport, cycle time).
+
+``--variant`` measures candidate changes of the engine's step (nothing in dtrain is changed by them):
+
+* ``engine``: the step as ``engine.run`` takes it today;
+* ``cheapseed``: the dropout seed set with ``torch.default_generator.manual_seed`` (the CPU
+  generator, all that CPU dropout draws from) instead of ``torch.manual_seed``, which also queues
+  a seed for every lazy accelerator backend and formats a Python stack trace for it each call;
+* ``views``: the gradients allocated as views into one buffer whose tail is ``counts``
+  (``dist.flat_views``), so the allreduce reduces that buffer in place with no copy (as DDP's
+  ``gradient_as_bucket_view``);
+* ``lean``: ``cheapseed`` and ``views`` together.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from _harness import MODELS, measure, parser, report, synthetic
+
+from dtrain import dist
+from dtrain.config import Config, ModelConfig, OptimConfig
+from dtrain.engine import forward_backward, lr_factor, make_optimizer, step_seed
+from dtrain.models import mlp
+from dtrain.plan import rank_slice
+from dtrain.stream import Batch
+
+VARIANTS = ("engine", "cheapseed", "views", "lean")
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=VARIANTS, default="engine")
+    args = ap.parse_args()
+    dist.init()
+    rank, world = dist.rank(), dist.size()
+    inputs, hidden, outputs = MODELS[args.model]
+    cfg = Config(model=ModelConfig(hidden=hidden), optim=OptimConfig(optimizer="sgd", lr=args.lr, momentum=0.9))
+    seed, task, device = args.seed, "classification", dist.device()
+    views = args.variant in ("views", "lean")
+    cheap_seed = args.variant in ("cheapseed", "lean")
+
+    torch.manual_seed(seed)
+    model = mlp(inputs, outputs, cfg.model.hidden, cfg.model.dropout).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    dist.broadcast_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if views:
+        grad_views, counts = dist.flat_views(params, extra=4)
+        for p, g in zip(params, grad_views, strict=True):
+            p.grad = g
+    else:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        counts = torch.zeros(4, dtype=torch.float32, device=device)
+    grads = [p.grad for p in params if p.grad is not None]
+
+    x, y = synthetic(args.rows, args.model, seed)
+    b = args.global_batch
+    lo, hi = rank_slice(b, world, rank)
+    row_ids = np.arange(args.rows, dtype=np.int64)
+    starts = range(0, args.rows - b + 1, b)
+    it = iter(starts)
+    global_step, total_steps, allreduce_s = 0, 2**62, 0.0
+
+    def next_batch() -> Batch:
+        nonlocal it
+        i = next(it, None)
+        if i is None:
+            it = iter(starts)
+            i = next(it)
+        return Batch(0, i // b, x[i + lo : i + hi], y[i + lo : i + hi], row_ids[i + lo : i + hi], b)
+
+    def step() -> None:
+        nonlocal global_step, allreduce_s
+        batch = next_batch()
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
+        if cheap_seed:
+            torch.default_generator.manual_seed(step_seed(seed, global_step, rank))
+        else:
+            torch.manual_seed(step_seed(seed, global_step, rank))
+        optimizer.zero_grad(set_to_none=False)
+        loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows, False)
+        counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))  # engine: counts += ...
+        counts[3] = 0.0  # the stop vote
+        t0 = time.perf_counter()
+        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
+        allreduce_s += time.perf_counter() - t0
+        optimizer.step()
+        global_step += 1
+        _loss_sum, _right, _rows, _votes = counts.tolist()
+        counts.zero_()
+
+    rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
+    report("dtrain_step", args, rates, world, rank, variant=args.variant,
+           transport="torch" if getattr(dist, "_group", None) is not None else ("horovod" if world > 1 else "none"),
+           allreduce_ms_per_step=1e3 * allreduce_s / max(global_step, 1))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

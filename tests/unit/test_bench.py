@@ -1,0 +1,183 @@
+"""dtrain.bench's pure logic on small fake inputs: result parsing, statistics, ratios, targets, tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dtrain import bench
+from dtrain.bench import RatioSpec, Run
+
+pytestmark = pytest.mark.unit
+
+
+def test_parse_result_finds_the_last_result_line_behind_horovodrun_prefixes():
+    out = "\n".join([
+        "[1]<stderr>:some warning",
+        '[0]<stdout>:BENCH_RESULT {"samples_per_sec": [1.0]}',
+        "[0]<stdout>:BENCH_RESULT {not json",
+        '[0]<stdout>:BENCH_RESULT {"samples_per_sec": [2.0, 4.0], "world_size": 2}',
+        "[0]<stderr>:bye",
+    ])
+    assert bench.parse_result(out) == {"samples_per_sec": [2.0, 4.0], "world_size": 2}
+    assert bench.parse_result("nothing here\n") is None
+    assert bench.parse_result("BENCH_RESULT [1, 2]") is None  # not an object
+
+
+def test_steady_state_skips_warmup_and_evaluation_lines():
+    metrics = [
+        {"step": 10, "loss": 2.0, "samples_per_sec": 100.0},
+        {"step": 20, "loss": 1.0, "samples_per_sec": 900.0},
+        {"step": 20, "eval_loss": 1.0},
+        {"step": 30, "loss": 0.5, "samples_per_sec": 1000.0},
+    ]
+    assert bench.steady_state(metrics) == [900.0, 1000.0]
+    assert bench.steady_state(metrics[:1]) == [100.0]  # a single line is all there is
+    assert bench.steady_state([]) == []
+
+
+def test_rotation_puts_every_contender_first_once_per_cycle():
+    names = ["a", "b", "c"]
+    orders = [bench.rotation(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {o[0] for o in orders} == set(names)
+    assert bench.rotation(names, 4) == orders[1]
+    assert bench.rotation([], 2) == []
+
+
+def test_summarize_takes_the_median_over_runs_and_keeps_failures_apart():
+    runs = [Run("x", 10.0, [9.0, 10.0, 11.0], load=1.0), Run("x", 30.0, load=3.0),
+            Run("x", 20.0, load=2.0), Run("x", None, load=5.0, error="exit 1\nboom")]
+    s = bench.summarize(runs)
+    assert s["samples_per_sec"] == 20.0
+    assert (s["best"], s["worst"]) == (30.0, 10.0)
+    assert s["runs"] == [10.0, 30.0, 20.0]
+    assert s["failed"] == 1 and s["errors"] == ["exit 1\nboom"]
+    assert s["load"] == [1.0, 3.0, 2.0, 5.0]
+    empty = bench.summarize([Run("y", None, error="timed out")])
+    assert empty["samples_per_sec"] is None and empty["best"] is None and empty["failed"] == 1
+
+
+def test_ratio_and_target_checks():
+    assert bench.ratio(90.0, 100.0) == pytest.approx(0.9)
+    assert bench.ratio(None, 100.0) is None
+    assert bench.ratio(90.0, None) is None
+    assert bench.ratio(90.0, 0.0) is None
+    assert bench.check("a / b", 0.96, 0.95)["met"] is True
+    assert bench.check("a / b", 0.95, 0.95)["met"] is True  # the target is inclusive
+    assert bench.check("a / b", 0.94, 0.95)["met"] is False
+    assert bench.check("a / b", None, 0.95)["met"] is None  # a failed contender: no verdict
+    assert bench.check("a / b", 0.5, None) == {"name": "a / b", "ratio": 0.5, "target": None, "met": None,
+                                               "best_ratio": None}
+    assert bench.check("a / b", 0.9, 0.95, best=1.1)["best_ratio"] == 1.1  # the best runs: information only
+
+
+def test_compare_divides_medians_of_the_named_contenders():
+    summaries = {"dtrain step": {"samples_per_sec": 300.0}, "ddp": {"samples_per_sec": 200.0},
+                 "horovod plain": {"samples_per_sec": None}}
+    specs = [RatioSpec("dtrain step", "ddp", 1.0), RatioSpec("dtrain step", "horovod plain", 1.0),
+             RatioSpec("dtrain step", "missing")]
+    out = bench.compare(summaries, specs)
+    assert [c["name"] for c in out] == ["dtrain step / ddp", "dtrain step / horovod plain", "dtrain step / missing"]
+    assert out[0]["ratio"] == pytest.approx(1.5) and out[0]["met"] is True
+    assert out[0]["best_ratio"] is None  # no "best" in these summaries
+    assert out[1]["ratio"] is None and out[1]["met"] is None
+    assert out[2]["ratio"] is None and out[2]["target"] is None
+
+
+def test_format_table_aligns_columns():
+    text = bench.format_table(["name", "value"], [["a", "1"], ["longer", "1,000"]])
+    lines = text.splitlines()
+    assert lines[0] == "name    value"
+    assert lines[1] == "------  -----"
+    assert lines[2] == "a           1"
+    assert lines[3] == "longer  1,000"
+
+
+def _comparison() -> dict:
+    contenders = {
+        "bare": bench.summarize([Run("bare", 1000.0, load=0.5), Run("bare", 1100.0, load=0.7)]),
+        "dtrain step": bench.summarize([Run("dtrain step", 990.0, load=0.6), Run("dtrain step", 1010.0, load=0.9)]),
+        "dtrain e2e": bench.summarize([Run("dtrain e2e", None, load=1.0, error="exit 1\nValueError: bad")]),
+    }
+    specs = [RatioSpec("dtrain step", "bare", 0.95), RatioSpec("dtrain e2e", "bare")]
+    return {"benchmark": "B1", "title": bench.TITLES["B1"], "model": "small", "global_batch": 128,
+            "baseline": "bare", "contenders": contenders, "ratios": bench.compare(contenders, specs)}
+
+
+def test_render_comparison_shows_medians_ratios_targets_and_failures():
+    text = bench.render_comparison(_comparison())
+    assert "B1 overhead" in text and "model small (100-256-256-10), global batch 128" in text
+    bare = next(line for line in text.splitlines() if line.startswith("bare"))
+    assert "1,050" in bare and "1.00" in bare and "0.5-0.7" in bare
+    step = next(line for line in text.splitlines() if line.startswith("dtrain step"))
+    assert "1,000" in step and "0.95" in step  # 1000 / 1050
+    assert "dtrain step / bare = 0.952 (best runs: 0.918)  target >= 0.95: MET" in text  # 1010 / 1100
+    assert "dtrain e2e / bare = -  (info)" in text
+    assert "dtrain e2e failed: ValueError: bad" in text
+    assert "1 failed" in text
+
+
+def test_targets_collects_every_targeted_ratio_and_renders_a_verdict_table():
+    report = {"benchmarks": {"B1": {"comparisons": [_comparison()]}, "B6": {"status": "not available yet"}}}
+    items = bench.targets(report)
+    assert len(items) == 1
+    assert items[0]["benchmark"] == "B1" and items[0]["model"] == "small" and items[0]["met"] is True
+    table = bench.render_targets(items)
+    assert "dtrain step / bare" in table and ">= 0.95" in table and "MET" in table
+    assert "0.952" in table and "0.918" in table
+    json.dumps(report)  # the report is JSON as it is
+
+
+def test_contenders_of_each_comparison(tmp_path):
+    o = bench.Options(repeats=1, quick=True, global_batch=128, models=["small"], dtrain_env={"X": "1"},
+                      workdir=str(tmp_path), horovodrun="horovodrun")
+    cs, base, specs = bench.contenders("B2", "large", o)
+    names = [c.name for c in cs]
+    assert names == ["dtrain step", "ddp", "horovod plain", "horovod tuned", "dtrain e2e"]
+    assert base == "ddp"
+    targeted = {s.name: s.target for s in specs if s.target is not None}
+    assert targeted == {"dtrain step / ddp": 1.0, "dtrain step / horovod plain": 1.0}
+    by_name = {c.name: c for c in cs}
+    assert by_name["horovod tuned"].env == bench.TUNED_HOROVOD
+    assert by_name["horovod plain"].env == {}  # untuned: the shell's tuning variables are removed too
+    assert by_name["dtrain step"].env == {"X": "1"} and by_name["dtrain e2e"].env == {"X": "1"}
+    assert by_name["dtrain e2e"].run_dir and "--hidden" in by_name["dtrain e2e"].cmd
+    assert by_name["dtrain step"].cmd[:3] == ["horovodrun", "-np", "2"]
+    assert "--model" in by_name["ddp"].cmd and "large" in by_name["ddp"].cmd
+    full = bench.Options(repeats=3, quick=False, global_batch=128, models=["small"], dtrain_env={},
+                         workdir=str(tmp_path), horovodrun="horovodrun")
+    assert {"horovod example", "dtrain lean"} <= {c.name for c in bench.contenders("B2", "small", full)[0]}
+    lean = next(c for c in bench.contenders("B1", "small", full)[0] if c.name == "dtrain lean")
+    assert lean.cmd[-2:] == ["--variant", "lean"]
+    cs1, _, specs1 = bench.contenders("B1", "small", o)
+    assert [c.name for c in cs1] == ["bare", "dtrain step", "dtrain e2e"]
+    assert "horovodrun" not in cs1[1].cmd
+    assert [s.target for s in specs1 if s.target] == [0.95]
+    assert [s.target for s in bench.contenders("B3", "small", o)[2] if s.target] == [0.8]
+
+
+def test_contender_env_drops_the_shells_tuning(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "5")
+    monkeypatch.setenv("UNRELATED", "kept")
+    env = bench.contender_env({"HOROVOD_CYCLE_TIME": "0.1"})
+    assert "OMP_NUM_THREADS" not in env and env["HOROVOD_CYCLE_TIME"] == "0.1" and env["UNRELATED"] == "kept"
+
+
+def test_command_line_rejects_unknown_benchmarks_and_models(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["B9"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.main(["B1", "--models", "huge"])
+    assert "benchmarks are" in capsys.readouterr().err
+
+
+def test_b6_is_reported_as_not_available(tmp_path, capsys):
+    o = bench.Options(repeats=1, quick=True, global_batch=128, models=["small"], dtrain_env={},
+                      workdir=str(tmp_path), horovodrun="horovodrun")
+    report = bench.run(["B6"], o, log=lambda _: None)
+    assert report["benchmarks"]["B6"]["status"] == "not available yet"
+    assert report["targets"] == []
