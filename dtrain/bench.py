@@ -355,18 +355,11 @@ def contenders(bench: str, model: str, o: Options) -> tuple[list[Contender], str
     """The contenders of one comparison, its baseline (the table's "vs" column) and its ratios."""
     dtrain_step_1 = Contender("dtrain step", _peer(o, "dtrain_step.py", model), dict(o.dtrain_env))
     dtrain_step_2 = Contender("dtrain step", [*_hvd(o, 2), *_peer(o, "dtrain_step.py", model)], dict(o.dtrain_env))
-    # The step with the engine changes docs/performance.md proposes (cheap seed, gradients as views).
-    lean_1 = Contender("dtrain lean", _peer(o, "dtrain_step.py", model, "--variant", "lean"), dict(o.dtrain_env))
-    lean_2 = Contender("dtrain lean", [*_hvd(o, 2), *_peer(o, "dtrain_step.py", model, "--variant", "lean")],
-                       dict(o.dtrain_env))
     bare = Contender("bare", _peer(o, "bare.py", model))
     if bench == "B1":
         cs = [bare, dtrain_step_1, _e2e(o, "dtrain e2e", model, 1)]
         specs = [RatioSpec("dtrain step", "bare", 0.95), RatioSpec("dtrain e2e", "bare"),
                  RatioSpec("dtrain e2e", "dtrain step")]
-        if not o.quick:
-            cs.append(lean_1)
-            specs.append(RatioSpec("dtrain lean", "bare"))
         return cs, "bare", specs
     if bench == "B2":
         plain = Contender("horovod plain", [*_hvd(o, 2), *_peer(o, "horovod_plain.py", model)])
@@ -378,17 +371,14 @@ def contenders(bench: str, model: str, o: Options) -> tuple[list[Contender], str
         specs = [RatioSpec("dtrain step", "ddp", 1.0), RatioSpec("dtrain step", "horovod plain", 1.0),
                  RatioSpec("dtrain step", "horovod tuned")]
         if not o.quick:
-            cs += [example, lean_2]
-            specs += [RatioSpec("dtrain step", "horovod example"), RatioSpec("dtrain lean", "ddp")]
+            cs.append(example)
+            specs.append(RatioSpec("dtrain step", "horovod example"))
         cs.append(_e2e(o, "dtrain e2e", model, 2))
         specs += [RatioSpec("dtrain e2e", "ddp"), RatioSpec("dtrain e2e", "dtrain step")]
         return cs, "ddp", specs
     if bench == "B3":
         cs = [bare, dtrain_step_2, _e2e(o, "dtrain e2e", model, 2)]
         specs = [RatioSpec("dtrain step", "bare", 0.8), RatioSpec("dtrain e2e", "bare")]
-        if not o.quick:
-            cs.append(lean_2)
-            specs.append(RatioSpec("dtrain lean", "bare"))
         return cs, "bare", specs
     raise ValueError(f"no contenders for {bench}")
 

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,24 @@ def step_seed(seed: int, global_step: int, rank: int) -> int:
     # Dropout's randomness is a function of (seed, step, rank): resuming needs no RNG state and
     # reproduces an uninterrupted run exactly.
     return (seed * 1_000_003 + global_step * 1_009 + rank) % (2**63)
+
+
+def gradient_buffers(params: Sequence[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Attach a zeroed ``.grad`` to every parameter; return the gradients and the step's 4 counts.
+
+    Every rank offers the same tensors to the allreduce, used or not. The gradients are views into
+    one buffer whose tail holds the step's loss sum, correct predictions, rows and stop votes (as
+    DDP's gradient_as_bucket_view): autograd accumulates into the views in place, and the step's one
+    collective reduces the buffer as it is, with no packing copy.
+    """
+    if params and all(p.dtype == torch.float32 and p.device == device for p in params):
+        grads, counts = dist.flat_views(params, extra=4)
+    else:  # mixed dtypes or devices: separate tensors, which the collective packs
+        grads = [torch.zeros_like(p) for p in params]
+        counts = torch.zeros(4, dtype=torch.float32, device=device)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return grads, counts
 
 
 def seed_step(seed: int, device: torch.device) -> None:
@@ -275,20 +293,7 @@ def run(cfg: Config) -> dict[str, Any]:
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
-        # Every rank offers the same tensors to the allreduce, used or not. The gradients are views
-        # into one buffer whose tail holds the step's loss sum, correct predictions, rows and stop
-        # votes (as DDP's gradient_as_bucket_view): autograd accumulates into the views in place and
-        # the step's one collective reduces the buffer as it is, with no packing copy.
-        counts: torch.Tensor
-        if params and all(p.dtype == torch.float32 and p.device == device for p in params):
-            grads, counts = dist.flat_views(params, extra=4)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-        else:  # mixed dtypes or devices: separate tensors, packed by the collective
-            grads = [torch.zeros_like(p) for p in params]
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            counts = torch.zeros(4, dtype=torch.float32, device=device)
+        grads, counts = gradient_buffers(params, device)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
         amp = cfg.train.amp and device.type == "cuda"

@@ -6,22 +6,11 @@
 The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
 learning rate set per step, the per-step dropout seed (``torch.manual_seed``),
 ``optimizer.zero_grad(set_to_none=False)``, ``engine.forward_backward`` (loss *sum* / global rows),
-the loss and counts added into ``counts`` (``counts += torch.tensor(...)``), the stop vote,
+the loss and counts added into ``counts``, the stop vote,
 ``dist.allreduce_sum_(grads, uncompressed=[counts])`` (one collective), ``optimizer.step()``,
 ``counts.tolist()``. Only the Dask stream is left out: each rank slices its part of every global
 batch (``plan.rank_slice``) from the same in-memory tensors, so this measures the training engine
 alone. ``dtrain.dist.init()`` applies dtrain's performance settings (threads, transport, cycle time).
-
-``--variant`` measures candidate changes of the engine's step (nothing in dtrain is changed by them):
-
-* ``engine``: the step as ``engine.run`` takes it today;
-* ``cheapseed``: the dropout seed set with ``torch.default_generator.manual_seed`` (the CPU
-  generator, all that CPU dropout draws from) instead of ``torch.manual_seed``, which also queues
-  a seed for every lazy accelerator backend and formats a Python stack trace for it each call;
-* ``views``: the gradients allocated as views into one buffer whose tail is ``counts``
-  (``dist.flat_views``), so the allreduce reduces that buffer in place with no copy (as DDP's
-  ``gradient_as_bucket_view``);
-* ``lean``: ``cheapseed`` and ``views`` together.
 """
 
 from __future__ import annotations
@@ -34,40 +23,26 @@ from _harness import MODELS, measure, parser, report, synthetic
 
 from dtrain import dist
 from dtrain.config import Config, ModelConfig, OptimConfig
-from dtrain.engine import forward_backward, lr_factor, make_optimizer, step_seed
+from dtrain.engine import forward_backward, gradient_buffers, lr_factor, make_optimizer, seed_step, step_seed
 from dtrain.models import mlp
 from dtrain.plan import rank_slice
 from dtrain.stream import Batch
 
-VARIANTS = ("engine", "cheapseed", "views", "lean")
-
 
 def main() -> None:
-    ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=VARIANTS, default="engine")
-    args = ap.parse_args()
+    args = parser(__doc__.splitlines()[0]).parse_args()
     dist.init()
     rank, world = dist.rank(), dist.size()
     inputs, hidden, outputs = MODELS[args.model]
     cfg = Config(model=ModelConfig(hidden=hidden), optim=OptimConfig(optimizer="sgd", lr=args.lr, momentum=0.9))
     seed, task, device = args.seed, "classification", dist.device()
-    views = args.variant in ("views", "lean")
-    cheap_seed = args.variant in ("cheapseed", "lean")
 
     torch.manual_seed(seed)
     model = mlp(inputs, outputs, cfg.model.hidden, cfg.model.dropout).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     dist.broadcast_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if views:
-        grad_views, counts = dist.flat_views(params, extra=4)
-        for p, g in zip(params, grad_views, strict=True):
-            p.grad = g
-    else:
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        counts = torch.zeros(4, dtype=torch.float32, device=device)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads, counts = gradient_buffers(params, device)
 
     x, y = synthetic(args.rows, args.model, seed)
     b = args.global_batch
@@ -90,13 +65,10 @@ def main() -> None:
         batch = next_batch()
         for g in optimizer.param_groups:
             g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
-        if cheap_seed:
-            torch.default_generator.manual_seed(step_seed(seed, global_step, rank))
-        else:
-            torch.manual_seed(step_seed(seed, global_step, rank))
+        seed_step(step_seed(seed, global_step, rank), device)
         optimizer.zero_grad(set_to_none=False)
         loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows, False)
-        counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))  # engine: counts += ...
+        counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
         counts[3] = 0.0  # the stop vote
         t0 = time.perf_counter()
         dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
@@ -107,7 +79,7 @@ def main() -> None:
         counts.zero_()
 
     rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
-    report("dtrain_step", args, rates, world, rank, variant=args.variant,
+    report("dtrain_step", args, rates, world, rank,
            transport="torch" if getattr(dist, "_group", None) is not None else ("horovod" if world > 1 else "none"),
            allreduce_ms_per_step=1e3 * allreduce_s / max(global_step, 1))
     dist.shutdown()
