@@ -202,6 +202,17 @@ def _check_elastic(cfg: Config) -> None:
                         "(horovodrun -np N without --min-np/--max-np)")
 
 
+def _check_follow(cfg: Config) -> None:
+    """What --follow needs of --data, checked before any cluster starts."""
+    if not cfg.data.follow:
+        return
+    assert cfg.data.data is not None
+    source = follow_root(cfg.data.data)
+    if data_format(cfg.data) != "parquet":
+        raise UserError(f"--follow: --data {source!r} does not hold Parquet files; write the stream as "
+                        "Parquet (.parquet) files")
+
+
 def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any] | None, list[FileInfo] | None]:
     """The dataset, the checkpoint to resume from (if any) and, with ``--follow``, the first files.
 
@@ -213,10 +224,7 @@ def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any]
         dataset = Dataset(open_source(cfg.data, cfg.train.seed), cfg.data, cfg.train.seed)
         return dataset, coord.resume(dataset.token), None
     assert cfg.data.data is not None
-    source = follow_root(cfg.data.data)
-    if data_format(cfg.data) != "parquet":
-        raise UserError(f"--follow: --data {source!r} does not hold Parquet files; write the stream as "
-                        "Parquet (.parquet) files")
+    source = cfg.data.data
     resumed = coord.resume(None)  # the fingerprint is checked once the first files are known
     if resumed is not None and resumed.get("follow"):
         infos = [FileInfo(f.path, f.mtime, f.size) for f in Feed.from_dict(resumed["follow"]).segments[0]]
@@ -235,6 +243,7 @@ def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     dist.init()
     _check_elastic(cfg)
+    _check_follow(cfg)
     elastic = dist.is_elastic()
     if dist.rank() != 0 and not cfg.run.verbose:  # only rank 0 reports; the others speak up for problems
         logging.getLogger("dtrain").setLevel(logging.WARNING)
