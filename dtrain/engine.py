@@ -405,7 +405,12 @@ def run(cfg: Config) -> dict[str, Any]:
                          f" (stopping after {timeout:g} s without any)" if timeout is not None else "")
 
                 def poll() -> list[FileEntry] | None:
-                    found = new_files(list_parquet(source), feed.known)
+                    try:
+                        listing = list_parquet(source)
+                    except UserError as e:  # e.g. an object store's hiccup: the next poll tries again
+                        log.warning("%s; trying again in %g s", e, cfg.data.poll_interval)
+                        listing = []
+                    found = new_files(listing, feed.known)
                     if found:
                         return dataset.new_files(found, feed.next_offset)
                     return None if timeout is not None and time.monotonic() - since >= timeout else []
