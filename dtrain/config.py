@@ -84,6 +84,11 @@ class DataConfig:
     drop_last: bool = doc(False, "drop the last partial global batch of each epoch")
     prefetch: int = doc(64, "steps whose rows each rank keeps in flight (Dask round trips cost ms: keep it large)")
     audit_dir: str | None = doc(None, "write the row ids each rank consumes at each step here (debugging)")
+    follow: bool = doc(False, "online mode: after the files at start, keep polling the Parquet directory/glob "
+                       "--data for new files and train on them as they land (names starting with . or _ are ignored)")
+    poll_interval: float = doc(2.0, "--follow: seconds between two listings of --data while waiting for files")
+    idle_timeout: float | None = doc(None, "--follow: finish normally after waiting this many seconds with no "
+                                     "new file (default: follow until stopped)")
     gen_rows: int = doc(65536, "generated data: rows")
     gen_features: int = doc(32, "generated data: features")
     gen_classes: int = doc(10, "generated data: classes")
@@ -100,6 +105,16 @@ class DataConfig:
         if self.gen_classes < 2:
             raise ConfigError("gen_classes", f"needs at least 2 classes, got {self.gen_classes}")
         _positive("gen_noise", self.gen_noise, zero_ok=True)
+        _positive("poll_interval", self.poll_interval)
+        if self.idle_timeout is not None:
+            _positive("idle_timeout", self.idle_timeout, zero_ok=True)
+        if self.follow and self.data is None:
+            raise ConfigError("follow", "needs --data: the Parquet directory (or glob) where the files land")
+        if self.follow and self.format not in ("auto", "parquet"):
+            raise ConfigError("follow", f"follows Parquet files only, not --format {self.format}; "
+                                        "write the stream as Parquet files")
+        if self.idle_timeout is not None and not self.follow:
+            raise ConfigError("idle_timeout", "only applies with --follow; add --follow or drop --idle-timeout")
 
 
 @dataclass
@@ -165,6 +180,7 @@ class TrainConfig:
     commit_every: int = doc(20, "elastic runs: commit the training state in memory every N steps")
     epochs: int = doc(3, "passes over the training split (online mode: 1)")
     max_steps: int | None = doc(None, "stop after this many optimizer steps in total")
+    max_samples: int | None = doc(None, "stop after training this many rows in total (the last batch is cut to fit)")
     seed: int = doc(0, "seed for data order, model initialisation and dropout")
     log_every: int = doc(10, "write a metrics line every N steps")
     eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
@@ -178,6 +194,8 @@ class TrainConfig:
             _positive("batch_per_rank", self.batch_per_rank)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
+        if self.max_samples is not None:
+            _positive("max_samples", self.max_samples)
 
 
 @dataclass
@@ -211,6 +229,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections.
+        if self.data.follow and self.train.mode != "online":
+            raise ConfigError("follow", "needs --mode online (one pass over the files in arrival order); "
+                                        "add --mode online")
+        if self.data.follow and self.optim.schedule in ("cosine", "step") and self.train.max_steps is None:
+            raise ConfigError("schedule", f"{self.optim.schedule} needs the length of training, which --follow "
+                                          "does not know; pass --max-steps or use --schedule invscaling/constant")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

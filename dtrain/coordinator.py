@@ -44,8 +44,12 @@ class Coordinator:
 
     # -- resume ---------------------------------------------------------------------------------------
 
-    def resume(self, fingerprint: str) -> dict[str, Any] | None:
-        """The trainer state to continue from (the same on every rank), or None to start afresh."""
+    def resume(self, fingerprint: str | None) -> dict[str, Any] | None:
+        """The trainer state to continue from (the same on every rank), or None to start afresh.
+
+        ``fingerprint`` None defers the data check to :meth:`check_fingerprint` (``--follow`` learns which
+        files its data is from the checkpoint itself).
+        """
 
         def find() -> dict[str, Any] | None:
             run = self.cfg.run
@@ -62,17 +66,25 @@ class Coordinator:
                     state = load(path)
                 except CheckpointError as e:
                     raise UserError(f"--resume: {e}; pass a checkpoint directory, auto or never") from None
-            theirs = state["stats"]["fingerprint"]
-            if theirs != fingerprint and not run.force_resume:
-                raise UserError(
-                    f"--resume: {path} was trained on different data or preprocessing "
-                    f"(fingerprint {theirs[:12]} vs {fingerprint[:12]}); use the same data flags, "
-                    "--resume never, or --force-resume"
-                )
+            state["_path"] = str(path)
+            if fingerprint is not None:
+                self.check_fingerprint(state, fingerprint)
             log.info("resuming from %s (step %d)", path, state["global_step"])
             return state
 
         return dist.run_on_main(find, name="resume")
+
+    def check_fingerprint(self, state: dict[str, Any] | None, fingerprint: str) -> None:
+        """Refuse to resume ``state`` on data or preprocessing other than its own, unless --force-resume."""
+        if state is None:
+            return
+        theirs = state["stats"]["fingerprint"]
+        if theirs != fingerprint and not self.cfg.run.force_resume:
+            raise UserError(
+                f"--resume: {state.get('_path', 'the checkpoint')} was trained on different data or preprocessing "
+                f"(fingerprint {theirs[:12]} vs {fingerprint[:12]}); use the same data flags, "
+                "--resume never, or --force-resume"
+            )
 
     # -- checkpoints ----------------------------------------------------------------------------------
 

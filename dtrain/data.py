@@ -16,6 +16,7 @@ Dask and arrives on the rank as the same exception.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -29,10 +30,12 @@ import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from dtrain.config import DataConfig, UserError
+from dtrain.follow import FileEntry, FileInfo, ignored, number_rows
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +228,140 @@ def _files(cfg: DataConfig, fmt: str) -> list[str]:
         raise UserError(f"--data: no {fmt} files ({', '.join(exts)}) in {cfg.data!r}; check the path or --format")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return files if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in files]
+
+
+# -- a followed directory (--follow): listed again and again, read file by file ------------------------
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time from an fsspec listing entry, in seconds (local, S3, GCS and Azure spell it differently)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            continue
+        return float(value)
+    return 0.0
+
+
+def follow_root(source: str) -> str:
+    """The followed directory of ``source`` (a directory or a glob); refuses anything else."""
+    fs, root = _fs(source)
+    if any(c in root for c in "*?["):
+        return source
+    if not fs.isdir(root):
+        raise UserError(f"--follow: --data {source!r} is not a directory or a glob; point --data at the "
+                        "directory the Parquet files land in")
+    return source
+
+
+def list_parquet(source: str) -> list[FileInfo]:
+    """The Parquet files now in ``source`` (a directory, searched recursively, or a glob), unordered.
+
+    Paths with a component starting with ``.`` or ``_`` below the directory (or the glob's fixed part) are
+    skipped: files being written. One listing with details per call, not a request per file.
+    """
+    fs, root = _fs(source)
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        fs.invalidate_cache()  # object stores cache listings: a poll must see new files
+    pattern = any(c in root for c in "*?[")
+    base = root.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if pattern else root
+    try:
+        infos = fs.glob(root, detail=True) if pattern else fs.find(root, detail=True)
+        if pattern:  # a glob may name directories: their files count too
+            for name, info in list(infos.items()):
+                if info.get("type") == "directory":
+                    del infos[name]
+                    infos.update(fs.find(name, detail=True))
+    except OSError as e:
+        raise UserError(f"--follow: cannot list {source!r} ({_first_line(e)}); "
+                        "check the path and credentials") from None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    out = []
+    for name, info in infos.items():
+        relative = name[len(base):] if name.startswith(base) else os.path.basename(name)
+        if not name.endswith(_PARQUET_EXT) or ignored(relative) or info.get("type") == "directory":
+            continue
+        path = name if protocol in ("file", "local") else fs.unstrip_protocol(name)
+        out.append(FileInfo(path, _mtime(info), int(info.get("size") or 0)))
+    return out
+
+
+def parquet_meta(path: str) -> pd.DataFrame:
+    """An empty DataFrame with the columns and dtypes of a Parquet file (its schema only is read)."""
+    fs, p = _fs(path)
+    with read_errors(repr(path)), fs.open(p, "rb") as f:
+        return pq.read_schema(f).empty_table().to_pandas()
+
+
+def read_parquet_file(path: str, columns: tuple[str, ...], rows: int | None = None,
+                      offset: int | None = None) -> pd.DataFrame:
+    """``columns`` of one Parquet file; rows numbered from ``offset`` when given. Runs on a worker.
+
+    ``rows``: the row count recorded when the file was first read; a file that changed since is refused
+    (its rows would no longer be the ones the plan and a resumed run expect).
+    """
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"--follow: {path} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"write every file with the columns of the first ones ({', '.join(columns)})")
+        df = pf.read(columns=list(columns)).to_pandas()
+    if rows is not None and len(df) != rows:
+        raise DataError(f"--follow: {path} changed after it was read ({rows} rows then, {len(df)} now); "
+                        "never change a file once it landed: write a new one")
+    if offset is not None:
+        df[ROW_ID] = np.arange(offset, offset + len(df), dtype=np.int64)
+    return df
+
+
+def inspect_new_file(path: str, columns: tuple[str, ...], spec: Spec) -> dict[str, Any]:
+    """Check a newly landed file against the statistics of the first ones; its row count and, when it
+    carries row ids, its split. Runs on a worker; problems are one line naming the file and the fix."""
+    df = read_parquet_file(path, columns)
+    for c in spec.features:
+        if not pd.api.types.is_numeric_dtype(df[c].dtype):
+            raise DataError(f"--follow: column {c!r} of {path} is not numeric ({df[c].dtype}); "
+                            "write it as numbers, as in the first files")
+    x = df[list(spec.features)].to_numpy(dtype=np.float64, na_value=np.nan)
+    if spec.fillna is None and np.isnan(x).any():
+        raise DataError(f"--follow: {int(np.isnan(x).sum())} missing feature values in {path}; "
+                        "clean the file or pass --fillna VALUE")
+    if np.isinf(x).any():
+        raise DataError(f"--follow: {int(np.isinf(x).sum())} infinite feature values in {path}; replace them")
+    label = df[spec.label]
+    if label.isna().any():
+        raise DataError(f"--follow: {int(label.isna().sum())} rows of {path} have no {spec.label!r} value; drop them")
+    if spec.classes:
+        known = pd.Index(spec.classes)
+        unknown = label[known.get_indexer(label.to_numpy()) < 0]
+        if len(unknown):
+            raise DataError(f"--follow: label {unknown.iloc[0]!r} in {path} is not one of the {len(known)} classes "
+                            "of the first files; the class set is fixed at start: start the run (--resume never) "
+                            "from files holding every class")
+    elif not pd.api.types.is_numeric_dtype(label.dtype):
+        raise DataError(f"--follow: the label {spec.label!r} of {path} is not numeric ({label.dtype}), "
+                        "but the task is regression; write it as numbers")
+    out: dict[str, Any] = {"rows": len(df)}
+    if ROW_ID in df.columns:
+        val = is_validation(df[ROW_ID].to_numpy(dtype=np.int64), spec.val_fraction, spec.seed)
+        out.update(train=int((~val).sum()), val=int(val.sum()))
+    return out
+
+
+def follow_source(files: list[str]) -> dd.DataFrame:
+    """The files present when following starts, one partition per file, in the order given."""
+    meta = parquet_meta(files[0])
+    return dd.from_map(read_parquet_file, files, columns=tuple(map(str, meta.columns)), meta=meta,
+                       enforce_metadata=False, label="dtrain-follow")
 
 
 # -- array sources (npy, zarr): opened on whichever process reads the rows ------------------------------
@@ -538,7 +675,8 @@ def _check_label_and_ids(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> None
 class Dataset:
     """Lazy partitions of the train and validation splits, plus their statistics."""
 
-    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int):
+    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, identity: Any = None):
+        """``identity``: what the data is, for the fingerprint, when not every file of ``--data`` (--follow)."""
         self.cfg = cfg
         self.seed = seed
         fmt = data_format(cfg)
@@ -547,6 +685,8 @@ class Dataset:
         _check_label_and_ids(ddf, cfg, self.label)
         # Only the columns used: Parquet then reads nothing else.
         ddf = ddf[[c for c in (ROW_ID, *self.features, self.label) if c in ddf.columns]]
+        self.columns = tuple(map(str, ddf.columns))  # as read from each file (--follow)
+        self.own_ids = ROW_ID in ddf.columns
         if ROW_ID not in ddf.columns:
             # Row ids are the rows' global positions; they need the partitions' lengths first.
             with read_errors(_where(cfg)):
@@ -556,7 +696,8 @@ class Dataset:
         self.ddf = ddf
         self._parts: list[Delayed] = _own_graphs(list(ddf.to_delayed()))
         schema = {str(c): str(t) for c, t in ddf.dtypes.items()}
-        self.token = _digest(_identity(cfg, fmt), schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
+        what = _identity(cfg, fmt) if identity is None else identity
+        self.token = _digest(what, schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
                              seed, cfg.fillna)[:32]
         self.stats: Stats | None = None
         self._spec = Spec(tuple(self.features), self.label, cfg.val_fraction, seed, cfg.fillna, cfg.task)
@@ -610,14 +751,61 @@ class Dataset:
         """Adopt statistics computed elsewhere (by rank 0, or saved in a checkpoint)."""
         self.stats = stats
 
-    def partitions(self, split: str) -> list[Delayed]:
-        """One lazy Arrays per partition, keyed deterministically so ranks share them on the cluster."""
+    def spec(self) -> Spec:
+        """How the workers prepare rows: the statistics in use."""
         assert self.stats is not None, "compute_stats() or use_stats() first"
         s = self.stats
-        spec = Spec(tuple(self.features), self.label, self.cfg.val_fraction, self.seed, self.cfg.fillna,
+        return Spec(tuple(self.features), self.label, self.cfg.val_fraction, self.seed, self.cfg.fillna,
                     s.task, tuple(s.mean), tuple(s.std), tuple(s.classes or ()))
+
+    def partitions(self, split: str) -> list[Delayed]:
+        """One lazy Arrays per partition, keyed deterministically so ranks share them on the cluster."""
+        spec = self.spec()
         key = _digest(self.token, asdict(spec))[:16]
         return [
             dask.delayed(prepare, pure=True)(p, spec, split, dask_key_name=f"dtrain-{split}-{key}-{i}")
             for i, p in enumerate(self._parts)
         ]
+
+    # -- --follow: file by file --------------------------------------------------------------------------
+
+    def first_files(self, files: list[FileInfo]) -> list[FileEntry]:
+        """The files the statistics were computed on (one partition each, in order) as segment 0."""
+        assert self.stats is not None
+        s = self.stats
+        rows = [t + v for t, v in zip(s.train_sizes, s.val_sizes, strict=True)]
+        offsets: list[int | None] = [None] * len(files) if self.own_ids else list(number_rows(rows, 0))
+        return [FileEntry(f.path, f.mtime, f.size, n, t, v, o)
+                for f, n, t, v, o in zip(files, rows, s.train_sizes, s.val_sizes, offsets, strict=True)]
+
+    def new_files(self, files: list[FileInfo], next_offset: int) -> list[FileEntry]:
+        """Check newly landed files on the cluster and number their rows from ``next_offset`` on."""
+        if not files:
+            return []
+        spec = self.spec()
+        with read_errors(", ".join(f.path for f in files[:3])):
+            found = dask.compute(*[dask.delayed(inspect_new_file, pure=False)(f.path, self.columns, spec)
+                                   for f in files])
+        offsets = number_rows([r["rows"] for r in found], next_offset)
+        entries = []
+        for f, r, offset in zip(files, found, offsets, strict=True):
+            if self.own_ids:
+                entries.append(FileEntry(f.path, f.mtime, f.size, r["rows"], r["train"], r["val"], None))
+            else:
+                val = int(is_validation(np.arange(offset, offset + r["rows"], dtype=np.int64), spec.val_fraction,
+                                        spec.seed).sum())
+                entries.append(FileEntry(f.path, f.mtime, f.size, r["rows"], r["rows"] - val, val, offset))
+        return entries
+
+    def file_partitions(self, entries: list[FileEntry], split: str) -> list[Delayed]:
+        """One lazy Arrays per file, keyed by the file and its numbering so ranks share them."""
+        spec = self.spec()
+        key = _digest(self.token, asdict(spec))[:16]
+        read_cols = tuple(c for c in self.columns if c != ROW_ID or self.own_ids)
+        out = []
+        for e in entries:
+            name = _digest(e.path, e.rows, e.offset)[:16]
+            df = dask.delayed(read_parquet_file, pure=True)(e.path, read_cols, e.rows, e.offset,
+                                                             dask_key_name=f"dtrain-read-{key}-{name}")
+            out.append(dask.delayed(prepare, pure=True)(df, spec, split, dask_key_name=f"dtrain-{split}-{key}-{name}"))
+        return out

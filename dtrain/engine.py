@@ -12,6 +12,7 @@ Data-parallel in three marked places (the rest is a plain PyTorch loop):
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -33,8 +34,9 @@ from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
-from dtrain.data import Dataset, Stats, open_source
-from dtrain.plan import EpochPlan, Position, validate_world
+from dtrain.data import Dataset, Stats, data_format, follow_root, follow_source, list_parquet, open_source
+from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, new_files
+from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validate_world
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.stream import Batch, Stream
@@ -225,12 +227,53 @@ def _check_elastic(cfg: Config) -> None:
         raise UserError("--run-dir: elastic runs need an explicit run directory, shared by all hosts")
     if cfg.train.batch_per_rank:
         raise UserError("--batch-per-rank: not supported with elastic runs yet; use --global-batch-size")
+    if cfg.data.follow:
+        raise UserError("--follow: not supported with elastic runs yet; run it on a fixed world "
+                        "(horovodrun -np N without --min-np/--max-np)")
+
+
+def _check_follow(cfg: Config) -> None:
+    """What --follow needs of --data, checked before any cluster starts."""
+    if not cfg.data.follow:
+        return
+    assert cfg.data.data is not None
+    source = follow_root(cfg.data.data)
+    if data_format(cfg.data) != "parquet":
+        raise UserError(f"--follow: --data {source!r} does not hold Parquet files; write the stream as "
+                        "Parquet (.parquet) files")
+
+
+def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any] | None, list[FileInfo] | None]:
+    """The dataset, the checkpoint to resume from (if any) and, with ``--follow``, the first files.
+
+    A followed directory grows, so its dataset is the files present at the *first* start (listed by rank
+    0, or recorded in the checkpoint): the statistics, the fingerprint and the row numbering stay those
+    of the first run whatever landed since.
+    """
+    if not cfg.data.follow:
+        dataset = Dataset(open_source(cfg.data, cfg.train.seed), cfg.data, cfg.train.seed)
+        return dataset, coord.resume(dataset.token), None
+    assert cfg.data.data is not None
+    source = cfg.data.data
+    resumed = coord.resume(None)  # the fingerprint is checked once the first files are known
+    if resumed is not None and resumed.get("follow"):
+        infos = [FileInfo(f.path, f.mtime, f.size) for f in Feed.from_dict(resumed["follow"]).segments[0]]
+    else:
+        infos = dist.run_on_main(lambda: arrival_order(list_parquet(source)), name="follow-list")
+        if not infos:
+            raise UserError(f"--follow: no Parquet files in {source!r} yet; the statistics come from the files "
+                            "present at start: start once the first file has landed")
+    identity = ["follow", source, [[f.path, f.size, f.mtime] for f in infos]]
+    dataset = Dataset(follow_source([f.path for f in infos]), cfg.data, cfg.train.seed, identity=identity)
+    coord.check_fingerprint(resumed, dataset.token)
+    return dataset, resumed, infos
 
 
 def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     dist.init()
     _check_elastic(cfg)
+    _check_follow(cfg)
     elastic = dist.is_elastic()
     if dist.rank() != 0 and not cfg.run.verbose:  # only rank 0 reports; the others speak up for problems
         logging.getLogger("dtrain").setLevel(logging.WARNING)
@@ -245,8 +288,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     with connect(cfg.cluster) as client:
         # Data: statistics computed once by the cluster (rank 0 asks), the same numbers on every rank.
-        dataset = Dataset(open_source(cfg.data, seed), cfg.data, seed)
-        resumed = coord.resume(dataset.token)
+        dataset, resumed, first_files = _open_data(cfg, coord)
         if resumed is not None and resumed["stats"]["fingerprint"] == dataset.token:
             stats = Stats(**resumed["stats"])  # the very numbers the checkpoint was trained with
         else:  # a fresh run, or --force-resume onto different data: that data's own statistics
@@ -254,7 +296,21 @@ def run(cfg: Config) -> dict[str, Any]:
         dataset.use_stats(stats)
         run_dir.write_json("stats.json", stats.to_dict())
         y_dtype = np.dtype(np.int64 if stats.task == "classification" else np.float32)
-        train_parts, val_parts = dataset.partitions("train"), dataset.partitions("val")
+        # --follow: the files are read file by file, in segments (dtrain/follow.py); segment 0 is the
+        # files present at the first start, the checkpoint knows the others.
+        follow = cfg.data.follow
+        feed: Feed | None = None
+        if first_files is not None:
+            if resumed is not None and resumed.get("follow"):
+                feed = Feed.from_dict(resumed["follow"])
+            else:
+                feed = Feed()
+                feed.add(dataset.first_files(first_files))
+                feed.next_offset = stats.train_rows + stats.val_rows
+        if feed is not None:
+            train_parts, val_parts = dataset.file_partitions(feed.segments[0], "train"), []
+        else:
+            train_parts, val_parts = dataset.partitions("train"), dataset.partitions("val")
 
         # Model and optimizer: same seed everywhere, then (1) rank 0's parameters win.
         torch.manual_seed(seed)
@@ -269,12 +325,17 @@ def run(cfg: Config) -> dict[str, Any]:
         lr_scale = dist.size() if cfg.train.batch_per_rank else 1
 
         def plan(epoch: int) -> EpochPlan:
-            return EpochPlan(tuple(stats.train_sizes), global_batch, seed, epoch,
+            """The plan of an epoch (--follow: of a segment, the files read at one poll)."""
+            sizes = feed.train_sizes(epoch) if feed is not None else stats.train_sizes
+            return EpochPlan(tuple(sizes), global_batch, seed, epoch,
                              shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
-                             drop_last=cfg.data.drop_last)
+                             drop_last=cfg.data.drop_last and not follow)
 
         steps_per_epoch = plan(0).num_steps
-        total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
+        max_samples = cfg.train.max_samples
+        # --follow: how long training lasts is unknown (the schedules that need it require --max-steps).
+        total_steps = min(cfg.train.max_steps or 2**62,
+                          2**62 if follow else steps_for_samples(plan(0), epochs, max_samples))
 
         # What a rollback restores and a joining rank receives: the model, the optimizer and where
         # training stands. The data position is (epoch, step) of the world-independent plan.
@@ -287,14 +348,20 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
                                 f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
             pos = Position(**resumed["position"])
-            if pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data: the epoch is over
+            known = len(feed.segments) if feed is not None else epochs
+            if pos.epoch < known and pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data
                 pos = Position(pos.epoch + 1, 0)
+            if resumed.get("cut_short") and (max_samples is None or max_samples > resumed["samples"]):
+                raise UserError(f"--max-samples: the checkpoint stopped at {resumed['samples']} samples, inside "
+                                "a global batch, and cannot continue from there; pass a --max-samples that is a "
+                                "multiple of --global-batch-size from the start, or --resume never")
             state.epoch, state.step = pos.epoch, pos.step
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
         grads, counts = gradient_buffers(params, device)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
+        cut_short = [False]  # whether --max-samples cut the last global batch short (the position is then inexact)
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
         amp = cfg.train.amp and device.type == "cuda"
         if cfg.train.amp and not amp:
@@ -304,7 +371,8 @@ def run(cfg: Config) -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "position": {"epoch": state.epoch, "step": state.step}, "global_step": state.global_step,
                     "samples": state.samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
-                    "world_size": dist.size(),
+                    "world_size": dist.size(), "follow": feed.to_dict() if feed is not None else None,
+                    "cut_short": cut_short[0],
                     "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
         def train(state: Any) -> dict[str, Any]:
@@ -320,8 +388,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
             if not elastic:
                 dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
-            train_stream = Stream(client, train_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
-            val_stream = Stream(client, val_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
+            def stream(parts: list[Any]) -> Stream:
+                return Stream(client, parts, len(stats.features), rank, world, cfg.data.prefetch, device)
+
+            train_stream = stream(train_parts)
             log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, from step %d, run dir %s",
                      rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs,
                      state.global_step, run_dir.path)
@@ -332,6 +402,8 @@ def run(cfg: Config) -> dict[str, Any]:
             counts.zero_()  # a reset may have left a rolled-back step's sums
             syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
             stop = False
+            idle = False  # --follow: stopped by --idle-timeout
+            segment_rows = 0  # --follow: rows trained in the current segment
 
             def current_meter() -> Meter:
                 return meter
@@ -342,15 +414,80 @@ def run(cfg: Config) -> dict[str, Any]:
                 coord.save(state.global_step, trainer_state, meta, sync=sync)
                 meter.checkpoint += time.perf_counter() - t0
 
+            def files_done() -> int:
+                assert feed is not None
+                return feed.files_done(state.epoch, segment_rows if state.step else 0)
+
+            def wait_for_files(feed: Feed) -> str | None:
+                """Poll ``--data`` until new files land (then a segment of them is added to ``feed``), or
+                say why to stop instead: ``"signal"`` (SIGTERM/SIGINT on some rank) or ``"idle"``.
+
+                Every rank naps in short sleeps, so a signal is noticed at once, then all vote on stopping
+                and take rank 0's listing: every rank sees the same files at the same step.
+                """
+                assert cfg.data.data is not None
+                source, timeout = cfg.data.data, cfg.data.idle_timeout
+                since = time.monotonic()
+                log.info("waiting for new files in %s%s", source,
+                         f" (stopping after {timeout:g} s without any)" if timeout is not None else "")
+
+                def poll() -> list[FileEntry] | None:
+                    try:
+                        listing = list_parquet(source)
+                    except UserError as e:  # e.g. an object store's hiccup: the next poll tries again
+                        log.warning("%s; trying again in %g s", e, cfg.data.poll_interval)
+                        listing = []
+                    found = new_files(listing, feed.known)
+                    if found:
+                        return dataset.new_files(found, feed.next_offset)
+                    return None if timeout is not None and time.monotonic() - since >= timeout else []
+
+                for attempt in itertools.count():
+                    if attempt:
+                        deadline = time.monotonic() + cfg.data.poll_interval
+                        while coord.signal is None and time.monotonic() < deadline:
+                            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                    if dist.allreduce_sum([coord.stop_flag], name="follow-stop")[0] > 0:
+                        return "signal"
+                    try:
+                        entries = dist.run_on_main(poll, name="follow-poll")
+                    except UserError:  # a bad file: save what was learnt, so that the rerun resumes here
+                        checkpoint(sync=True)
+                        raise
+                    if entries is None:
+                        return "idle"
+                    if entries:
+                        feed.add(entries)
+                        log.info("%d new file(s), %d rows: %s", len(entries), sum(e.rows for e in entries),
+                                 ", ".join(os.path.basename(e.path) for e in entries[:5])
+                                 + (", ..." if len(entries) > 5 else ""))
+                        return None
+                raise AssertionError("unreachable")
+
             model.train()
             # ---- the loop --------------------------------------------------------------------------
-            for epoch in range(state.epoch, epochs):
-                if state.global_step >= total_steps:
+            # --follow: each "epoch" is a segment (the files one poll found), and the loop waits for the
+            # next one at the end of the last; otherwise epochs as usual.
+            for epoch in itertools.count(state.epoch) if follow else range(state.epoch, epochs):
+                if state.global_step >= total_steps or (max_samples is not None and state.samples >= max_samples):
                     break
+                if feed is not None and epoch >= len(feed.segments):
+                    waited = wait_for_files(feed)
+                    stop, idle = waited == "signal", waited == "idle"
+                    if waited is not None:
+                        break
+                    if not meter.rows:  # rates count from here, not from before the wait
+                        meter = Meter()
                 start_step = state.step if epoch == state.epoch else 0
-                progress.start_epoch(epoch, steps_per_epoch, start_step)
+                segment_rows = start_step * global_batch
+                left = None if max_samples is None else max_samples - state.samples
+                epoch_plan = limited(plan(epoch), start_step, left)
+                cut_short[0] = epoch_plan.cut and (epoch_plan.max_rows or 0) % global_batch != 0
+                if feed is not None and epoch > 0:
+                    train_stream = stream(dataset.file_partitions(feed.segments[epoch], "train"))
+                progress.start_epoch(epoch, epoch_plan.num_steps, start_step)
                 batch: Batch
-                for batch in timed(train_stream.batches(plan(epoch), start_step, y_dtype), current_meter):
+                for batch in timed(train_stream.batches(epoch_plan, start_step, y_dtype), current_meter):
                     for g in optimizer.param_groups:
                         g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps)
                     seed_step(step_seed(seed, state.global_step, rank), device)
@@ -362,8 +499,11 @@ def run(cfg: Config) -> dict[str, Any]:
                     loss, right = forward_backward(model, batch, stats.task, cfg.train.accumulate,
                                                    max(batch.rows, 1) if per_rank else batch.global_rows, amp)
                     counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
+                    # --follow: every segment ends with a sync, so that waiting for files (and stopping
+                    # after the wait) finds the ranks with the same model.
+                    last_of_epoch = batch.step + 1 == epoch_plan.num_steps
                     sync = not local_sgd or (state.global_step + 1) % cfg.train.sync_every == 0 \
-                        or state.global_step + 1 >= total_steps
+                        or state.global_step + 1 >= total_steps or (last_of_epoch and (follow or epoch_plan.cut))
                     if sync:
                         counts[3] = coord.stop_flag  # a signal on any rank stops every rank after this step
                     if not local_sgd:
@@ -390,6 +530,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
                     state.global_step += 1
                     state.samples += batch.global_rows
+                    segment_rows += batch.global_rows
                     state.epoch, state.step = epoch, batch.step + 1
                     final_eval = None
                     if run_dir.audit:
@@ -401,7 +542,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         stop = votes > 0
                         counts.zero_()
                     if meter.rows and (state.global_step % cfg.train.log_every == 0
-                                       or state.global_step == total_steps):
+                                       or state.global_step == total_steps or (follow and last_of_epoch)):
                         last_loss = meter.loss / meter.rows
                         record = {"step": state.global_step, "time": time.time(), "epoch": epoch,
                                   "samples": state.samples,
@@ -409,6 +550,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                   "syncs": syncs, **meter.timing(time.perf_counter())}
                         if stats.task == "classification":  # online: each row predicted before trained on
                             record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
+                        if feed is not None:
+                            record["files"] = files_done()
                         run_dir.metrics(record)
                         progress.update(batch.step + 1, last_loss, record["samples_per_sec"])
                         meter = Meter()
@@ -420,12 +563,13 @@ def run(cfg: Config) -> dict[str, Any]:
                     if sync and coord.due(state.global_step):  # after a sync every rank holds the same model
                         checkpoint()
                 else:
-                    state.epoch, state.step = epoch + 1, 0  # epoch finished: the next starts at its first step
+                    if not epoch_plan.cut:  # epoch finished: the next starts at its first step
+                        state.epoch, state.step = epoch + 1, 0
                 progress.close()
                 if stop:
                     break
                 if not online:
-                    final_eval = evaluate(model, val_stream, stats.val_sizes, cfg, stats)
+                    final_eval = evaluate(model, stream(val_parts), stats.val_sizes, cfg, stats)
                     if final_eval:
                         run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": world,
                                          **final_eval})
@@ -442,7 +586,12 @@ def run(cfg: Config) -> dict[str, Any]:
                 run_dir.close()
                 raise SystemExit(128 + (coord.signal or signal.SIGTERM))
             if final_eval is None:
-                final_eval = evaluate(model, val_stream, stats.val_sizes, cfg, stats)
+                if feed is not None:  # every file's held-out rows, the files read at start and since
+                    entries = [f for seg in feed.segments for f in seg]
+                    final_eval = evaluate(model, stream(dataset.file_partitions(entries, "val")),
+                                          [f.val for f in entries], cfg, stats)
+                else:
+                    final_eval = evaluate(model, stream(val_parts), stats.val_sizes, cfg, stats)
             checkpoint(sync=True)
             hashes = dist.allgather_object(model_sha256(model.state_dict()), name="model-hash")
             result = {
@@ -451,6 +600,16 @@ def run(cfg: Config) -> dict[str, Any]:
                 "model_sha256": hashes[0], "ranks_identical": len(set(hashes)) == 1, "syncs": syncs,
                 "world_size": world,
             }
+            if max_samples is not None and state.samples >= max_samples:
+                result["stop_reason"] = "max_samples"
+            elif cfg.train.max_steps is not None and state.global_step >= cfg.train.max_steps:
+                result["stop_reason"] = "max_steps"
+            elif idle:
+                result["stop_reason"] = "idle_timeout"
+            else:
+                result["stop_reason"] = "end_of_data" if online else "epochs"
+            if feed is not None:
+                result.update(files_consumed=files_done(), files_seen=feed.num_files)
             if online and stats.task == "classification" and total.rows:
                 result["progressive_accuracy"] = total.correct / total.rows
                 result["progressive_loss"] = total.loss / total.rows
@@ -480,7 +639,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     wall = time.perf_counter() - t_start
     summary = {
-        "steps": state.global_step, "epochs": state.epoch + (state.step > 0), "samples": state.samples,
+        "steps": state.global_step, "epochs": 1 if cfg.data.follow else state.epoch + (state.step > 0),
+        "samples": state.samples,
         "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
         "mode": cfg.train.mode, "task": stats.task, **outcome,
     }

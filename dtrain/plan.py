@@ -16,6 +16,7 @@ plan never materialises an index of the whole dataset: a window's permutation is
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -53,6 +54,9 @@ class EpochPlan:
     shuffle: bool = True
     shuffle_window: int = 4
     drop_last: bool = False
+    # Train only the first ``max_rows`` rows of the epoch's order (``--max-samples``): the batch that
+    # reaches it is cut short, whatever ``drop_last`` says (it is about the natural end of the epoch).
+    max_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1:
@@ -61,13 +65,22 @@ class EpochPlan:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
         if any(s < 0 for s in self.partition_sizes):
             raise ValueError("partition sizes must be >= 0")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {self.max_rows}")
         object.__setattr__(self, "partition_sizes", tuple(int(s) for s in self.partition_sizes))
 
     # -- the global order ---------------------------------------------------------------------------
 
     @property
     def num_rows(self) -> int:
-        return sum(self.partition_sizes)
+        """Rows in the epoch's order (at most ``max_rows``)."""
+        total = sum(self.partition_sizes)
+        return total if self.max_rows is None else min(total, self.max_rows)
+
+    @property
+    def cut(self) -> bool:
+        """Whether ``max_rows`` ends the epoch before its natural end."""
+        return self.max_rows is not None and self.max_rows < sum(self.partition_sizes)
 
     @cached_property
     def offsets(self) -> np.ndarray:
@@ -153,7 +166,7 @@ class EpochPlan:
     @property
     def num_steps(self) -> int:
         full, rest = divmod(self.num_rows, self.global_batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return full + (1 if rest and (self.cut or not self.drop_last) else 0)
 
     def batch_bounds(self, step: int) -> tuple[int, int]:
         """Global order indexes ``[start, stop)`` of the global batch at ``step``."""
@@ -203,6 +216,26 @@ def group_by_partition(
         idx = order[lo:hi]
         groups.append((int(p), local[idx], idx))
     return groups
+
+
+def limited(plan: EpochPlan, start_step: int, samples_left: int | None) -> EpochPlan:
+    """``plan`` cut so that the steps from ``start_step`` on train at most ``samples_left`` rows.
+
+    Steps before ``start_step`` are full global batches (only an epoch's last step may be short).
+    """
+    if samples_left is None:
+        return plan
+    end = start_step * plan.global_batch_size + max(samples_left, 0)
+    return plan if end >= plan.num_rows else dataclasses.replace(plan, max_rows=end)
+
+
+def steps_for_samples(plan: EpochPlan, epochs: int, samples: int | None) -> int:
+    """Steps that ``epochs`` epochs shaped like ``plan`` take to train ``samples`` rows (all of them if None)."""
+    per_epoch = min(plan.num_rows, plan.num_steps * plan.global_batch_size)  # rows drop_last keeps
+    if samples is None or per_epoch == 0 or samples >= epochs * per_epoch:
+        return epochs * plan.num_steps
+    full, rest = divmod(samples, per_epoch)
+    return full * plan.num_steps + -(-rest // plan.global_batch_size)
 
 
 def validate_world(num_rows: int, world_size: int) -> None:
