@@ -10,11 +10,15 @@ any point of a save leaves the previous good checkpoint the one that is loaded. 
 directory is written under a temporary name, fsynced and renamed; on object stores (no rename) the
 manifest written last is the commit marker.
 
-Writes happen on a background thread, one at a time: the loop only pays for an in-memory copy.
+Writes happen on a background thread, one at a time: the loop only pays for an in-memory copy, and
+not even for all of it. As in CheckFreq (Mohan et al., FAST '21), tensors that only the optimizer's
+step changes (parameters, optimizer moments) are copied on the writer thread while the loop runs the
+next forward and backward passes; the loop calls ``fence()`` before its next ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,7 +28,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -52,11 +56,15 @@ def model_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def snapshot(obj: Any, buffers: dict[str, torch.Tensor] | None = None, _path: str = "") -> Any:
+def snapshot(obj: Any, buffers: dict[str, torch.Tensor] | None = None, _path: str = "",
+             defer: Callable[[torch.Tensor], bool] | None = None,
+             pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
     """A deep copy of ``obj`` with every tensor copied to CPU: safe to write while training goes on.
 
     With ``buffers``, tensors are copied into the buffers of the previous snapshot where shapes and
     dtypes match: a fresh allocation per checkpoint costs more in page faults than the copy itself.
+    With ``defer``, the tensors it selects are not copied yet: their ``(buffer, source)`` pairs are
+    appended to ``pending`` for the caller to copy later (see ``Checkpointer.save_async``).
     """
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
@@ -65,12 +73,26 @@ def snapshot(obj: Any, buffers: dict[str, torch.Tensor] | None = None, _path: st
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu")
             if buffers is not None:
                 buffers[_path] = buf
+        if defer is not None and pending is not None and defer(src):
+            pending.append((buf, src))
+            return buf
         return buf.copy_(src)
     if isinstance(obj, Mapping):
-        return {k: snapshot(v, buffers, f"{_path}/{k}") for k, v in obj.items()}
+        return {k: snapshot(v, buffers, f"{_path}/{k}", defer, pending) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v, buffers, f"{_path}/{i}") for i, v in enumerate(obj))
+        return type(obj)(snapshot(v, buffers, f"{_path}/{i}", defer, pending) for i, v in enumerate(obj))
     return obj
+
+
+# The writer thread's nice value. On a CPU machine training keeps every core busy, and a writer at the
+# same priority preempts the training threads, whose parallel regions then wait for the slowest.
+WRITER_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Make the calling thread yield the cores to training (Linux: a thread has its own nice value)."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: the write competes
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 class CheckpointError(Exception):
@@ -95,7 +117,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # reused by save_async: one write in flight at most
-        self.last_block_seconds = 0.0
+        self._staged = threading.Event()  # set once the write in flight has copied its deferred tensors
+        self._staged.set()
+        self.last_block_seconds = 0.0  # the loop's wait for the last save_async, its fence() included
         self.last_write_seconds = 0.0
 
     # -- saving ---------------------------------------------------------------------------------------
@@ -131,21 +155,42 @@ class Checkpointer:
         self._prune(step)
         return final
 
-    def save_async(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
-        """Snapshot ``state`` in memory and write it on a background thread (one write at a time)."""
+    def save_async(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                   defer: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Snapshot ``state`` in memory and write it on a background thread (one write at a time).
+
+        Tensors selected by ``defer`` are copied on that thread instead: the caller promises not to
+        change them before calling ``fence()``.
+        """
         t0 = time.perf_counter()
         self.wait()  # the previous write is done with the buffers
-        snap = snapshot(state, self._buffers)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        snap = snapshot(state, self._buffers, defer=defer, pending=pending)
+        self._staged.clear()
         self.last_block_seconds = time.perf_counter() - t0
 
         def target() -> None:
+            _lower_priority()
             try:
+                try:
+                    for buf, src in pending:
+                        buf.copy_(src)
+                finally:
+                    self._staged.set()
                 self.write(step, snap, meta)
             except BaseException as e:  # reported by the next wait(), never lost
                 self._error = e
 
         self._thread = threading.Thread(target=target, name="dtrain-checkpoint", daemon=False)
         self._thread.start()
+
+    def fence(self) -> None:
+        """Return once the write in flight no longer reads the caller's tensors (its deferred copies
+        are done); the wait counts in ``last_block_seconds``."""
+        if not self._staged.is_set():
+            t0 = time.perf_counter()
+            self._staged.wait()
+            self.last_block_seconds += time.perf_counter() - t0
 
     def wait(self) -> None:
         """Wait for the write in flight; raise if it failed."""

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+import torch
+
 from dtrain import dist
 from dtrain.checkpoint import Checkpointer, CheckpointError, load
 from dtrain.config import Config, UserError
@@ -98,8 +100,12 @@ class Coordinator:
         return bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds
 
     def save(self, global_step: int, state: Callable[[], dict[str, Any]], meta: dict[str, Any],
-             sync: bool = False, force: bool = False) -> None:
-        """Checkpoint on rank 0 (``force``: on this rank whatever its rank now, e.g. during a reset)."""
+             sync: bool = False, force: bool = False, defer: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Checkpoint on rank 0 (``force``: on this rank whatever its rank now, e.g. during a reset).
+
+        ``defer`` selects tensors the caller leaves unchanged until ``fence()``; they are copied off
+        the loop (see ``Checkpointer.save_async``).
+        """
         ckpt = self._ckpt if force else self.ckpt
         if ckpt is None:
             return
@@ -107,9 +113,15 @@ class Coordinator:
             ckpt.wait()
             ckpt.write(global_step, state(), meta)
         else:
-            ckpt.save_async(global_step, state(), meta)
-            log.debug("checkpoint %d: loop blocked %.1f ms", global_step, 1e3 * ckpt.last_block_seconds)
+            ckpt.save_async(global_step, state(), meta, defer=defer)
         self._last_save = time.monotonic()
+
+    def fence(self) -> None:
+        """Before changing the tensors a save deferred: wait until the checkpoint has copied them.
+
+        Not only on rank 0: a process that wrote as rank 0 may have another rank after a world change.
+        """
+        self._ckpt.fence()
 
     def close(self) -> None:
         self._ckpt.wait()

@@ -411,8 +411,16 @@ def run(cfg: Config) -> dict[str, Any]:
             def checkpoint(sync: bool = False) -> None:
                 t0 = time.perf_counter()
                 meta = {"epoch": state.epoch, "position_step": state.step, "world_size": world}
-                coord.save(state.global_step, trainer_state, meta, sync=sync)
+                coord.save(state.global_step, trainer_state, meta, sync=sync, defer=only_stepped())
                 meter.checkpoint += time.perf_counter() - t0
+
+            def only_stepped() -> Callable[[torch.Tensor], bool]:
+                """Tensors that only ``optimizer.step()`` changes (parameters, optimizer state): an async
+                checkpoint copies them while the next forward and backward run, fenced before the step.
+                Buffers (e.g. batch-norm statistics) change in the forward pass: copied at once."""
+                ptrs = {p.data_ptr() for p in params} | {
+                    v.data_ptr() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)}
+                return lambda t: t.numel() > 0 and t.data_ptr() in ptrs
 
             def files_done() -> int:
                 assert feed is not None
@@ -518,6 +526,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         meter.allreduce += time.perf_counter() - t_sync
                     if cfg.optim.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    t_fence = time.perf_counter()
+                    coord.fence()  # the checkpoint in flight has copied the parameters it deferred
+                    meter.checkpoint += time.perf_counter() - t_fence
                     optimizer.step()
                     if local_sgd and sync:
                         # (3') local SGD: average the models every k steps, counts riding along.
@@ -626,6 +637,7 @@ def run(cfg: Config) -> dict[str, Any]:
             try:
                 return train(state)
             except dist.elastic_resets() as e:
+                coord.fence()  # Horovod's restore and sync overwrite the parameters next
                 if entry_rank[0] == 0:
                     if failure is not None and isinstance(e, failure):
                         state.restore()  # mid-step: back to the commit (Horovod restores again, harmlessly)

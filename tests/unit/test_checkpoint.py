@@ -340,6 +340,31 @@ def test_save_async_writes_the_state_as_it_was(root: str) -> None:
     assert found[1]["step"] == 1
 
 
+def test_deferred_tensors_are_copied_off_the_loop_and_fenced(root: str) -> None:
+    ck = Checkpointer(root, keep=5)
+    weight, running = torch.zeros(2_000_000), torch.zeros(10)  # a parameter, a batch-norm buffer
+    state = {"model": {"w": weight, "running": running}}
+    ck.save_async(1, state, defer=lambda t: t.data_ptr() == weight.data_ptr())
+    running.add_(1.0)  # the next forward pass updates buffers at once: they were copied already
+    ck.fence()  # before the next optimizer step
+    weight.add_(1.0)
+    ck.wait()
+    found = ck.latest()
+    assert found is not None
+    assert torch.equal(found[1]["model"]["w"], torch.zeros(2_000_000))
+    assert torch.equal(found[1]["model"]["running"], torch.zeros(10))
+    ck.fence()  # nothing deferred in flight: returns at once
+
+
+def test_a_failed_deferred_copy_releases_the_fence_and_is_reported(root: str) -> None:
+    ck = Checkpointer(root, keep=5)
+    # A deferred tensor whose buffer cannot take it (a meta tensor has no data): the copy fails.
+    ck.save_async(1, {"w": torch.empty(3, device="meta")}, defer=lambda t: True)
+    ck.fence()
+    with pytest.raises(CheckpointError):
+        ck.wait()
+
+
 def test_consecutive_async_saves(root: str) -> None:
     ck = Checkpointer(root, keep=2)
     for step in range(5):
