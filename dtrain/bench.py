@@ -17,9 +17,9 @@ Benchmarks (targets in brackets; a ratio is dtrain's median samples/s over the o
   ``hvd.DistributedOptimizer``, untuned), the same tuned (``OMP_NUM_THREADS=1 HOROVOD_CYCLE_TIME=0.1``)
   and with its example's ``torch.set_num_threads(1)``; and ``horovodrun ... python -m dtrain`` end to end.
 * **B3 ceiling** [dtrain step, 2 ranks / one bare process on all cores >= 0.8]: the same global batch.
-* **B4 input streaming**, **B5 checkpoint**: ``benchmarks/stream_bench.py`` and
-  ``benchmarks/checkpoint_bench.py`` run as they are, their JSON included. **B6 elastic recovery**:
-  not available yet.
+* **B4 input streaming**, **B5 checkpoint**, **B6 elastic recovery**: ``benchmarks/stream_bench.py``,
+  ``benchmarks/checkpoint_bench.py`` and ``benchmarks/elastic_bench.py`` run as they are, their JSON
+  included.
 
 Every comparison runs on two models: ``small`` (100-256-256-10, latency-bound) and ``large``
 (100-2048-2048-10, compute-bound). Each contender is a fresh process (or horovodrun/torchrun job) that
@@ -61,7 +61,7 @@ TITLES = {
     "B3": "ceiling: dtrain on 2 ranks vs one bare process on all cores",
     "B4": "input streaming (benchmarks/stream_bench.py)",
     "B5": "checkpoint (benchmarks/checkpoint_bench.py)",
-    "B6": "elastic recovery",
+    "B6": "elastic recovery (benchmarks/elastic_bench.py)",
 }
 MODELS = {"small": "100-256-256-10", "large": "100-2048-2048-10"}
 # Variables that tune threads or Horovod: removed from every contender's environment unless it sets them.
@@ -456,10 +456,9 @@ def run(selected: Sequence[str], o: Options, log: Callable[[str], None] = print)
                 bench, "stream_bench.py", ["--rows", "100000", "--partitions", "8"], o, log)
         elif bench == "B5":
             report["benchmarks"][bench] = run_script_bench(
-                bench, "checkpoint_bench.py", ["--repeat", "2", "--width", "1024", "--train-seconds", "0.5"], o, log)
-        else:
-            log(f"{bench} {TITLES[bench]}: not available yet\n")
-            report["benchmarks"][bench] = {"title": TITLES[bench], "status": "not available yet"}
+                bench, "checkpoint_bench.py", ["--repeat", "3", "--width", "1024"], o, log)
+        elif bench == "B6":
+            report["benchmarks"][bench] = run_script_bench(bench, "elastic_bench.py", ["--repeat", "1"], o, log)
     report["load_end"] = list(os.getloadavg())
     report["targets"] = targets(report)
     return report

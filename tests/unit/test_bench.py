@@ -173,9 +173,8 @@ def test_command_line_rejects_unknown_benchmarks_and_models(capsys):
     assert "benchmarks are" in capsys.readouterr().err
 
 
-def test_b6_is_reported_as_not_available(tmp_path, capsys):
+def test_a_missing_benchmark_script_is_reported_not_run(tmp_path):
     o = bench.Options(repeats=1, quick=True, global_batch=128, models=["small"], dtrain_env={},
                       workdir=str(tmp_path), horovodrun="horovodrun")
-    report = bench.run(["B6"], o, log=lambda _: None)
-    assert report["benchmarks"]["B6"]["status"] == "not available yet"
-    assert report["targets"] == []
+    result = bench.run_script_bench("B6", "no_such_bench.py", [], o, log=lambda _: None)
+    assert result["status"] == "missing" and result["script"] == "benchmarks/no_such_bench.py"
