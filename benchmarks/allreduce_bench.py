@@ -134,10 +134,19 @@ def project(fit: dict[str, float], compute: dict[str, tuple[float, float]],
     return out
 
 
-def main_project(path: str, transport: str) -> None:
+def main_project(path: str | None, transport: str, latency_us: float | None, gbps: float | None) -> None:
     torch.set_num_threads(1)
-    with open(path) as f:
-        fit = json.load(f)["fit"][transport]
+    fit: dict[str, float] = {}
+    if path:
+        with open(path) as f:
+            fit = json.load(f)["fit"][transport]
+    if latency_us is not None:  # another network's numbers, e.g. between hosts
+        fit["latency_s"] = latency_us * 1e-6
+    if gbps is not None:
+        fit["bandwidth_Bps"] = gbps * 1e9 / 8
+    if set(fit) != {"latency_s", "bandwidth_Bps"}:
+        raise SystemExit("--project: give this bench's JSON, or both --latency-us and --gbps")
+    path = path if latency_us is None and gbps is None else "the command line"
     compute = {}
     for model in MODEL_SHAPES:
         small, large = step_seconds(model, 8), step_seconds(model, 64)
@@ -159,11 +168,14 @@ def main() -> None:
     ap.add_argument("--min-reps", type=int, default=20)
     ap.add_argument("--min-seconds", type=float, default=0.5, help="time per size and path")
     ap.add_argument("--json", help="write the results here (rank 0)")
-    ap.add_argument("--project", metavar="JSON", help="no collectives: project scaling from this bench's JSON")
+    ap.add_argument("--project", nargs="?", const="", metavar="JSON",
+                    help="no collectives: project scaling from this bench's JSON (or --latency-us and --gbps)")
+    ap.add_argument("--latency-us", type=float, help="--project: per-hop latency of another network (us)")
+    ap.add_argument("--gbps", type=float, help="--project: link bandwidth of another network (Gbit/s)")
     ap.add_argument("--path", choices=("torch", "horovod"), default="torch", help="--project: which transport")
     args = ap.parse_args()
-    if args.project:
-        main_project(args.project, args.path)
+    if args.project is not None:
+        main_project(args.project or None, args.path, args.latency_us, args.gbps)
         return
     os.environ.setdefault("DTRAIN_ALLREDUCE", "horovod")  # dtrain's Horovod settings; torch's group is ours
     dist.init()
