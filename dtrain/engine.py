@@ -57,12 +57,42 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
-    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule."""
+def schedule_progress(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
+    """How far the schedule's decay stands at ``step``: 0 at the end of warm-up, 1 at ``total_steps``.
+
+    ``start = (step0, progress0)``: the schedule was refitted at ``step0``, where it stood at
+    ``progress0``, to a new ``total_steps`` (an elastic run with ``--batch-per-rank`` whose world
+    changed, and with it the number of steps left); what is left of it, ``progress0`` to 1, is spread
+    evenly over the steps from ``step0`` to ``total_steps``. Never refitted, ``start`` is ``(0, 0.0)``.
+    """
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return 0.0
+    step0, done = start
+    begin = max(step0, o.warmup_steps)
+    return done + (1 - done) * (step - begin) / max(1, total_steps - begin)
+
+
+def refit_schedule(cfg: Config, step: int, schedule: tuple[int, float, int], total_steps: int
+                   ) -> tuple[int, float, int]:
+    """The schedule ``(step0, progress0, total steps)`` to follow from ``step`` on, now that the run
+    has ``total_steps`` steps: unchanged if that is what it was fitted to, else refitted at ``step``
+    from where it stands, so the rate moves on continuously and the decay still ends on the last step.
+    (``total steps`` 0: never fitted, the run starts.)"""
+    step0, done, fitted = schedule
+    if fitted == total_steps:
+        return schedule
+    if not fitted:
+        return 0, 0.0, total_steps
+    return step, min(1.0, schedule_progress(cfg, step, fitted, (step0, done))), total_steps
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
+    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule (see ``schedule_progress``)."""
     o = cfg.optim
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+    progress = schedule_progress(cfg, step, total_steps, start)
     if o.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if o.schedule == "step":  # x0.1 at each third of training
@@ -175,6 +205,18 @@ def evaluate(model: nn.Module, stream: Stream, sizes: list[int], cfg: Config, st
     return result
 
 
+def checkpoint_position(resumed: dict[str, Any]) -> Position:
+    """A checkpoint's data position. Checkpoints written before the position had its row hold
+    ``(epoch, step)`` of a plan cut with the global batch of the run that wrote them: the row follows."""
+    pos = resumed["position"]
+    if "row" in pos:
+        return Position(**pos)
+    train = resumed["config"]["train"]
+    batch = train["batch_per_rank"] * resumed["world_size"] if train.get("batch_per_rank") \
+        else train["global_batch_size"]
+    return Position(pos["epoch"], pos["step"], pos["step"] * batch)
+
+
 def _run_dir(cfg: Config) -> str:
     def choose() -> str:
         return cfg.run.run_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -193,8 +235,6 @@ def _check_elastic(cfg: Config) -> None:
                         "(launch/dask_cluster.sh) and pass --scheduler tcp://HOST:PORT")
     if cfg.run.run_dir is None:
         raise UserError("--run-dir: elastic runs need an explicit run directory, shared by all hosts")
-    if cfg.train.batch_per_rank:
-        raise UserError("--batch-per-rank: not supported with elastic runs yet; use --global-batch-size")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -233,22 +273,25 @@ def run(cfg: Config) -> dict[str, Any]:
         epochs = 1 if online else cfg.train.epochs
 
         # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
-        # into a per-rank batch with the linear scaling rule.
-        global_batch = cfg.train.batch_per_rank * dist.size() if cfg.train.batch_per_rank \
-            else cfg.train.global_batch_size
-        lr_scale = dist.size() if cfg.train.batch_per_rank else 1
+        # into a per-rank batch with the linear scaling rule, so the global batch and the LR follow
+        # the world (and change with it in elastic runs).
+        batch_per_rank = cfg.train.batch_per_rank
 
-        def plan(epoch: int) -> EpochPlan:
-            return EpochPlan(tuple(stats.train_sizes), global_batch, seed, epoch,
-                             shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
-                             drop_last=cfg.data.drop_last)
+        def global_batch_for(world: int) -> int:
+            return batch_per_rank * world if batch_per_rank else cfg.train.global_batch_size
 
-        steps_per_epoch = plan(0).num_steps
-        total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
+        def plan(at: Position, global_batch: int) -> EpochPlan:
+            """The rest of ``at``'s epoch in batches of ``global_batch`` (the whole epoch from its start)."""
+            return EpochPlan.at(at, tuple(stats.train_sizes), global_batch, seed,
+                                shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
+                                drop_last=cfg.data.drop_last)
 
         # What a rollback restores and a joining rank receives: the model, the optimizer and where
-        # training stands. The data position is (epoch, step) of the world-independent plan.
-        state = dist.training_state(model, optimizer, epoch=0, step=0, global_step=0, samples=0)
+        # training stands. The data position is (epoch, step, row): row, the epoch's next untrained row
+        # in the plan's order, holds whatever the global batch (see dtrain/plan.py); schedule is
+        # (step0, progress0, total steps) of the LR schedule (see refit_schedule).
+        state = dist.training_state(model, optimizer, epoch=0, step=0, row=0, global_step=0, samples=0,
+                                    schedule=(0, 0.0, 0))
         if resumed is not None:
             try:
                 model.load_state_dict(resumed["model"])
@@ -256,11 +299,12 @@ def run(cfg: Config) -> dict[str, Any]:
             except (RuntimeError, ValueError, KeyError) as e:
                 raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
                                 f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
-            pos = Position(**resumed["position"])
-            if pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data: the epoch is over
-                pos = Position(pos.epoch + 1, 0)
-            state.epoch, state.step = pos.epoch, pos.step
+            pos = checkpoint_position(resumed)
+            if pos.row > stats.train_rows or plan(pos, global_batch_for(dist.size())).num_steps <= pos.step:
+                pos = Position(pos.epoch + 1)  # the epoch is over (or forced onto smaller data)
+            state.epoch, state.step, state.row = pos.epoch, pos.step, pos.row
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
+            state.schedule = tuple(resumed.get("schedule", state.schedule))
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:  # every rank must offer the same tensors to the allreduce, used or not
@@ -274,8 +318,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
         def trainer_state() -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "position": {"epoch": state.epoch, "step": state.step}, "global_step": state.global_step,
-                    "samples": state.samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
+                    "position": {"epoch": state.epoch, "step": state.step, "row": state.row},
+                    "global_step": state.global_step, "samples": state.samples, "schedule": list(state.schedule),
+                    "stats": stats.to_dict(), "config": cfg.to_dict(),
                     "world_size": dist.size(),
                     "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
@@ -290,13 +335,30 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"--data: {e}") from None
             if adasum:
                 dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
+            global_batch = global_batch_for(world)
+            lr_scale = world if batch_per_rank else 1
+            steps_per_epoch = plan(Position(), global_batch).num_steps
+            if batch_per_rank:
+                # The global batch is this world's, and may differ from the one the run began with: count
+                # the steps that remain at this size. --max-steps counts optimizer steps, whatever their
+                # size. The LR schedule is refitted to the new total from where it stands (continuous,
+                # ending on the last step; refit_schedule); warm-up counts optimizer steps.
+                here = Position(state.epoch, state.step, state.row)
+                left = 0 if state.epoch >= epochs else \
+                    plan(here, global_batch).num_steps - state.step + (epochs - state.epoch - 1) * steps_per_epoch
+                total_steps = min(cfg.train.max_steps or 2**62, state.global_step + left)
+                state.schedule = refit_schedule(cfg, state.global_step, state.schedule, total_steps)
+            else:
+                total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
+                state.schedule = (0, 0.0, total_steps)
+            schedule_start = state.schedule[:2]
             if not elastic:
                 dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
             train_stream = Stream(client, train_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
             val_stream = Stream(client, val_parts, len(stats.features), rank, world, cfg.data.prefetch, device)
-            log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, from step %d, run dir %s",
-                     rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs,
-                     state.global_step, run_dir.path)
+            log.info("rank %d/%d: %d train rows in %d partitions, global batch %d, %d steps/epoch, %d epochs, "
+                     "from step %d, run dir %s", rank, world, stats.train_rows, len(stats.train_sizes), global_batch,
+                     steps_per_epoch, epochs, state.global_step, run_dir.path)
             meter, total = Meter(), Meter()  # since the last metrics line; since this (re)start
             progress = Progress(dist.is_main(), cfg.run.progress_seconds)
             last_loss = float("nan")
@@ -311,7 +373,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
             def checkpoint(sync: bool = False) -> None:
                 t0 = time.perf_counter()
-                meta = {"epoch": state.epoch, "position_step": state.step, "world_size": world}
+                meta = {"epoch": state.epoch, "position_step": state.step, "position_row": state.row,
+                        "world_size": world}
                 coord.save(state.global_step, trainer_state, meta, sync=sync)
                 meter.checkpoint += time.perf_counter() - t0
 
@@ -320,12 +383,14 @@ def run(cfg: Config) -> dict[str, Any]:
             for epoch in range(state.epoch, epochs):
                 if state.global_step >= total_steps:
                     break
-                start_step = state.step if epoch == state.epoch else 0
-                progress.start_epoch(epoch, steps_per_epoch, start_step)
+                at = Position(epoch, state.step, state.row) if epoch == state.epoch else Position(epoch)
+                epoch_plan = plan(at, global_batch)
+                progress.start_epoch(epoch, epoch_plan.num_steps, at.step)
                 batch: Batch
-                for batch in timed(train_stream.batches(plan(epoch), start_step, y_dtype), current_meter):
+                for batch in timed(train_stream.batches(epoch_plan, y_dtype=y_dtype), current_meter):
                     for g in optimizer.param_groups:
-                        g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps)
+                        g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps,
+                                                                       schedule_start)
                     torch.manual_seed(step_seed(seed, state.global_step, rank))
                     optimizer.zero_grad(set_to_none=False)
                     # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
@@ -363,7 +428,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
                     state.global_step += 1
                     state.samples += batch.global_rows
-                    state.epoch, state.step = epoch, batch.step + 1
+                    after = epoch_plan.position_after(batch.step)
+                    state.epoch, state.step, state.row = after.epoch, after.step, after.row
                     final_eval = None
                     if run_dir.audit:
                         run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
@@ -379,6 +445,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         record = {"step": state.global_step, "time": time.time(), "epoch": epoch,
                                   "samples": state.samples,
                                   "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "world_size": world,
+                                  "global_batch": global_batch,
                                   "syncs": syncs, **meter.timing(time.perf_counter())}
                         if stats.task == "classification":  # online: each row predicted before trained on
                             record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
@@ -393,7 +460,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     if sync and coord.due(state.global_step):  # after a sync every rank holds the same model
                         checkpoint()
                 else:
-                    state.epoch, state.step = epoch + 1, 0  # epoch finished: the next starts at its first step
+                    state.epoch, state.step, state.row = epoch + 1, 0, 0  # epoch over: the next starts at its first row
                 progress.close()
                 if stop:
                     break
@@ -443,7 +510,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 if entry_rank[0] == 0:
                     if failure is not None and isinstance(e, failure):
                         state.restore()  # mid-step: back to the commit (Horovod restores again, harmlessly)
-                    meta = {"epoch": state.epoch, "position_step": state.step, "reason": "world change"}
+                    meta = {"epoch": state.epoch, "position_step": state.step, "position_row": state.row,
+                            "reason": "world change"}
                     coord.save(state.global_step, trainer_state, meta, sync=True, force=True)
                 raise
 
