@@ -73,18 +73,25 @@ def schedule_progress(cfg: Config, step: int, total_steps: int, start: tuple[int
     return done + (1 - done) * (step - begin) / max(1, total_steps - begin)
 
 
-def refit_schedule(cfg: Config, step: int, schedule: tuple[int, float, int], total_steps: int
-                   ) -> tuple[int, float, int]:
-    """The schedule ``(step0, progress0, total steps)`` to follow from ``step`` on, now that the run
-    has ``total_steps`` steps: unchanged if that is what it was fitted to, else refitted at ``step``
-    from where it stands, so the rate moves on continuously and the decay still ends on the last step.
-    (``total steps`` 0: never fitted, the run starts.)"""
-    step0, done, fitted = schedule
-    if fitted == total_steps:
+Schedule = tuple[int, float, int, int]  # (step0, progress0, total steps, global batch) it was fitted to
+
+
+def refit_schedule(cfg: Config, step: int, schedule: Schedule, total_steps: int, global_batch: int) -> Schedule:
+    """The LR schedule to follow from ``step`` on, for a run of ``total_steps`` steps of ``global_batch``.
+
+    * Fitted to these already: unchanged.
+    * The global batch changed mid-schedule (``--batch-per-rank``, the world changed): refitted at
+      ``step`` from where it stands, so the rate moves on continuously and the decay still ends on the
+      last step, however many steps remain at the new batch size.
+    * Otherwise (a fresh run, or resumed with other ``--max-steps``, ``--epochs`` or data, or after
+      the schedule had ended): fitted anew to ``total_steps`` from step 0, as a fixed-batch run does.
+    """
+    step0, done, fitted_total, fitted_batch = schedule
+    if (fitted_total, fitted_batch) == (total_steps, global_batch):
         return schedule
-    if not fitted:
-        return 0, 0.0, total_steps
-    return step, min(1.0, schedule_progress(cfg, step, fitted, (step0, done))), total_steps
+    if fitted_batch in (0, global_batch) or step >= fitted_total:
+        return 0, 0.0, total_steps, global_batch
+    return step, min(1.0, schedule_progress(cfg, step, fitted_total, (step0, done))), total_steps, global_batch
 
 
 def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
@@ -288,10 +295,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
         # What a rollback restores and a joining rank receives: the model, the optimizer and where
         # training stands. The data position is (epoch, step, row): row, the epoch's next untrained row
-        # in the plan's order, holds whatever the global batch (see dtrain/plan.py); schedule is
-        # (step0, progress0, total steps) of the LR schedule (see refit_schedule).
+        # in the plan's order, holds whatever the global batch (see dtrain/plan.py); schedule is what
+        # the LR schedule was fitted to (see refit_schedule).
         state = dist.training_state(model, optimizer, epoch=0, step=0, row=0, global_step=0, samples=0,
-                                    schedule=(0, 0.0, 0))
+                                    schedule=(0, 0.0, 0, 0))
         if resumed is not None:
             try:
                 model.load_state_dict(resumed["model"])
@@ -341,16 +348,17 @@ def run(cfg: Config) -> dict[str, Any]:
             if batch_per_rank:
                 # The global batch is this world's, and may differ from the one the run began with: count
                 # the steps that remain at this size. --max-steps counts optimizer steps, whatever their
-                # size. The LR schedule is refitted to the new total from where it stands (continuous,
-                # ending on the last step; refit_schedule); warm-up counts optimizer steps.
+                # size. On a world change the LR schedule is refitted to the new total from where it
+                # stands (continuous, ending on the last step; refit_schedule); warm-up counts
+                # optimizer steps.
                 here = Position(state.epoch, state.step, state.row)
                 left = 0 if state.epoch >= epochs else \
                     plan(here, global_batch).num_steps - state.step + (epochs - state.epoch - 1) * steps_per_epoch
                 total_steps = min(cfg.train.max_steps or 2**62, state.global_step + left)
-                state.schedule = refit_schedule(cfg, state.global_step, state.schedule, total_steps)
+                state.schedule = refit_schedule(cfg, state.global_step, state.schedule, total_steps, global_batch)
             else:
                 total_steps = min(cfg.train.max_steps or 2**62, epochs * steps_per_epoch)
-                state.schedule = (0, 0.0, total_steps)
+                state.schedule = (0, 0.0, total_steps, global_batch)
             schedule_start = state.schedule[:2]
             if not elastic:
                 dist.broadcast_parameters(model)  # elastic runs: state.sync() did this

@@ -45,9 +45,9 @@ def test_a_schedule_never_refitted_is_bit_for_bit_the_plain_one(schedule: str, w
     cfg = config(schedule, warmup)
     step = data.draw(st.integers(0, total), label="step")
     assert lr_factor(cfg, step, total) == legacy_lr_factor(cfg, step, total)
-    fitted = refit_schedule(cfg, 0, (0, 0.0, 0), total)
-    assert fitted == (0, 0.0, total)
-    assert refit_schedule(cfg, step, fitted, total) is fitted  # same total: nothing to refit
+    fitted = refit_schedule(cfg, 0, (0, 0.0, 0, 0), total, 64)
+    assert fitted == (0, 0.0, total, 64)
+    assert refit_schedule(cfg, step, fitted, total, 64) is fitted  # nothing changed: nothing to refit
     assert lr_factor(cfg, step, total, fitted[:2]) == legacy_lr_factor(cfg, step, total)
 
 
@@ -57,12 +57,12 @@ def test_a_schedule_never_refitted_is_bit_for_bit_the_plain_one(schedule: str, w
 def test_a_refitted_schedule_is_continuous_and_ends_on_the_last_step(
         schedule: str, warmup: int, totals: list[int], data: st.DataObject) -> None:
     cfg = config(schedule, warmup)
-    state, step = refit_schedule(cfg, 0, (0, 0.0, 0), totals[0]), 0
-    for total in totals[1:]:
+    state, step = refit_schedule(cfg, 0, (0, 0.0, 0, 0), totals[0], 1), 0
+    for world, total in enumerate(totals[1:], 2):
         step = data.draw(st.integers(step, state[2] - 1), label="step of the world change")
         new_total = max(total, step + 1)  # the steps done so far stay done
         before = schedule_progress(cfg, step, state[2], state[:2])
-        state = refit_schedule(cfg, step, state, new_total)
+        state = refit_schedule(cfg, step, state, new_total, 32 * world)
         assert schedule_progress(cfg, step, new_total, state[:2]) == pytest.approx(before, abs=1e-12)
         if step < warmup:  # a change during warm-up: the decay is still all ahead
             assert state[1] == 0.0
@@ -76,13 +76,22 @@ def test_a_refitted_schedule_is_continuous_and_ends_on_the_last_step(
 
 def test_refit_example_cosine_halfway_then_the_world_doubles() -> None:
     cfg = config("cosine", 0)
-    state = refit_schedule(cfg, 0, (0, 0.0, 0), 200)
+    state = refit_schedule(cfg, 0, (0, 0.0, 0, 0), 200, 32)
     assert lr_factor(cfg, 100, 200, state[:2]) == pytest.approx(0.5)  # halfway: cos(pi/2)
-    state = refit_schedule(cfg, 100, state, 150)  # twice the batch: 50 steps left instead of 100
-    assert state == (100, 0.5, 150)
+    state = refit_schedule(cfg, 100, state, 150, 64)  # twice the batch: 50 steps left instead of 100
+    assert state == (100, 0.5, 150, 64)
     assert lr_factor(cfg, 100, 150, state[:2]) == pytest.approx(0.5)
     assert lr_factor(cfg, 125, 150, state[:2]) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
     assert lr_factor(cfg, 150, 150, state[:2]) == pytest.approx(0.0)
+
+
+def test_a_changed_run_length_fits_the_schedule_anew() -> None:
+    # Same batch, another total: resumed with other --max-steps or --epochs, as a fixed batch does.
+    cfg = config("cosine", 10)
+    assert refit_schedule(cfg, 37, (0, 0.0, 37, 64), 300, 64) == (0, 0.0, 300, 64)
+    # A schedule that had ended (the run stopped at --max-steps) is not stretched: it starts over.
+    assert refit_schedule(cfg, 37, (0, 0.0, 37, 64), 300, 32) == (0, 0.0, 300, 32)
+    assert refit_schedule(cfg, 20, (0, 0.0, 37, 64), 300, 32)[:2] == (20, pytest.approx(10 / 27))
 
 
 def checkpoint(position: dict[str, int], train: TrainConfig, world: int) -> dict[str, object]:
