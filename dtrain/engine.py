@@ -59,12 +59,49 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
-    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule."""
+def schedule_progress(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
+    """How far the schedule's decay stands at ``step``: 0 at the end of warm-up, 1 at ``total_steps``.
+
+    ``start = (step0, progress0)``: the schedule was refitted at ``step0``, where it stood at
+    ``progress0``, to a new ``total_steps`` (an elastic run with ``--batch-per-rank`` whose world
+    changed, and with it the number of steps left); what is left of it, ``progress0`` to 1, is spread
+    evenly over the steps from ``step0`` to ``total_steps``. Never refitted, ``start`` is ``(0, 0.0)``.
+    """
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return 0.0
+    step0, done = start
+    begin = max(step0, o.warmup_steps)
+    return done + (1 - done) * (step - begin) / max(1, total_steps - begin)
+
+
+Schedule = tuple[int, float, int, int]  # (step0, progress0, total steps, global batch) it was fitted to
+
+
+def refit_schedule(cfg: Config, step: int, schedule: Schedule, total_steps: int, global_batch: int) -> Schedule:
+    """The LR schedule to follow from ``step`` on, for a run of ``total_steps`` steps of ``global_batch``.
+
+    * Fitted to these already: unchanged.
+    * The global batch changed mid-schedule (``--batch-per-rank``, the world changed): refitted at
+      ``step`` from where it stands, so the rate moves on continuously and the decay still ends on the
+      last step, however many steps remain at the new batch size.
+    * Otherwise (a fresh run, or resumed with other ``--max-steps``, ``--epochs`` or data, or after
+      the schedule had ended): fitted anew to ``total_steps`` from step 0, as a fixed-batch run does.
+    """
+    step0, done, fitted_total, fitted_batch = schedule
+    if (fitted_total, fitted_batch) == (total_steps, global_batch):
+        return schedule
+    if fitted_batch in (0, global_batch) or step >= fitted_total:
+        return 0, 0.0, total_steps, global_batch
+    return step, min(1.0, schedule_progress(cfg, step, fitted_total, (step0, done))), total_steps, global_batch
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
+    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule (see ``schedule_progress``)."""
     o = cfg.optim
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+    progress = schedule_progress(cfg, step, total_steps, start)
     if o.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if o.schedule == "step":  # x0.1 at each third of training
@@ -207,6 +244,18 @@ def evaluate(model: nn.Module, stream: Stream, sizes: list[int], cfg: Config, st
     return result
 
 
+def checkpoint_position(resumed: dict[str, Any]) -> Position:
+    """A checkpoint's data position. Checkpoints written before the position had its row hold
+    ``(epoch, step)`` of a plan cut with the global batch of the run that wrote them: the row follows."""
+    pos = resumed["position"]
+    if "row" in pos:
+        return Position(**pos)
+    train = resumed["config"]["train"]
+    batch = train["batch_per_rank"] * resumed["world_size"] if train.get("batch_per_rank") \
+        else train["global_batch_size"]
+    return Position(pos["epoch"], pos["step"], pos["step"] * batch)
+
+
 def _run_dir(cfg: Config) -> str:
     def choose() -> str:
         return cfg.run.run_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -225,8 +274,6 @@ def _check_elastic(cfg: Config) -> None:
                         "(launch/dask_cluster.sh) and pass --scheduler tcp://HOST:PORT")
     if cfg.run.run_dir is None:
         raise UserError("--run-dir: elastic runs need an explicit run directory, shared by all hosts")
-    if cfg.train.batch_per_rank:
-        raise UserError("--batch-per-rank: not supported with elastic runs yet; use --global-batch-size")
     if cfg.data.follow:
         raise UserError("--follow: not supported with elastic runs yet; run it on a fixed world "
                         "(horovodrun -np N without --min-np/--max-np)")
@@ -319,27 +366,43 @@ def run(cfg: Config) -> dict[str, Any]:
         epochs = 1 if online else cfg.train.epochs
 
         # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
-        # into a per-rank batch with the linear scaling rule.
-        global_batch = cfg.train.batch_per_rank * dist.size() if cfg.train.batch_per_rank \
-            else cfg.train.global_batch_size
-        lr_scale = dist.size() if cfg.train.batch_per_rank else 1
+        # into a per-rank batch with the linear scaling rule, so the global batch and the LR follow
+        # the world (and change with it in elastic runs).
+        batch_per_rank = cfg.train.batch_per_rank
 
-        def plan(epoch: int) -> EpochPlan:
-            """The plan of an epoch (--follow: of a segment, the files read at one poll)."""
-            sizes = feed.train_sizes(epoch) if feed is not None else stats.train_sizes
-            return EpochPlan(tuple(sizes), global_batch, seed, epoch,
-                             shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
-                             drop_last=cfg.data.drop_last and not follow)
+        def global_batch_for(world: int) -> int:
+            return batch_per_rank * world if batch_per_rank else cfg.train.global_batch_size
 
-        steps_per_epoch = plan(0).num_steps
+        def plan(at: Position, global_batch: int) -> EpochPlan:
+            """The rest of ``at``'s epoch (--follow: of its segment, the files read at one poll) in
+            batches of ``global_batch`` (the whole epoch from its start)."""
+            sizes = feed.train_sizes(at.epoch) if feed is not None else stats.train_sizes
+            return EpochPlan.at(at, tuple(sizes), global_batch, seed,
+                                shuffle=cfg.data.shuffle and not online, shuffle_window=cfg.data.shuffle_window,
+                                drop_last=cfg.data.drop_last and not follow)
+
         max_samples = cfg.train.max_samples
-        # --follow: how long training lasts is unknown (the schedules that need it require --max-steps).
-        total_steps = min(cfg.train.max_steps or 2**62,
-                          2**62 if follow else steps_for_samples(plan(0), epochs, max_samples))
+
+        def steps_left(here: Position, global_batch: int, samples: int) -> int:
+            """Optimizer steps from ``here`` to the end of the epochs (or of --max-samples), at
+            ``global_batch`` rows a step, ``samples`` rows trained so far."""
+            steps, budget = 0, None if max_samples is None else max_samples - samples
+            for epoch in range(here.epoch, epochs):
+                rest = limited(plan(here if epoch == here.epoch else Position(epoch), global_batch), budget)
+                steps += rest.num_steps - rest.start_step
+                if budget is not None:
+                    budget -= min(rest.num_rows, rest.start_row + (rest.num_steps - rest.start_step) * global_batch) \
+                        - rest.start_row
+                    if budget <= 0:
+                        break
+            return steps
 
         # What a rollback restores and a joining rank receives: the model, the optimizer and where
-        # training stands. The data position is (epoch, step) of the world-independent plan.
-        state = dist.training_state(model, optimizer, epoch=0, step=0, global_step=0, samples=0)
+        # training stands. The data position is (epoch, step, row): row, the epoch's next untrained row
+        # in the plan's order, holds whatever the global batch (see dtrain/plan.py); schedule is what
+        # the LR schedule was fitted to (see refit_schedule).
+        state = dist.training_state(model, optimizer, epoch=0, step=0, row=0, global_step=0, samples=0,
+                                    schedule=(0, 0.0, 0, 0))
         if resumed is not None:
             try:
                 model.load_state_dict(resumed["model"])
@@ -347,21 +410,19 @@ def run(cfg: Config) -> dict[str, Any]:
             except (RuntimeError, ValueError, KeyError) as e:
                 raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
                                 f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
-            pos = Position(**resumed["position"])
+            pos = checkpoint_position(resumed)
             known = len(feed.segments) if feed is not None else epochs
-            if pos.epoch < known and pos.step >= plan(pos.epoch).num_steps:  # forced onto smaller data
-                pos = Position(pos.epoch + 1, 0)
-            if resumed.get("cut_short") and (max_samples is None or max_samples > resumed["samples"]):
-                raise UserError(f"--max-samples: the checkpoint stopped at {resumed['samples']} samples, inside "
-                                "a global batch, and cannot continue from there; pass a --max-samples that is a "
-                                "multiple of --global-batch-size from the start, or --resume never")
-            state.epoch, state.step = pos.epoch, pos.step
+            sizes = feed.train_sizes(pos.epoch) if feed is not None and pos.epoch < known else stats.train_sizes
+            if pos.epoch < known and (pos.row > sum(sizes)
+                                      or plan(pos, global_batch_for(dist.size())).num_steps <= pos.step):
+                pos = Position(pos.epoch + 1)  # the epoch is over (or forced onto smaller data)
+            state.epoch, state.step, state.row = pos.epoch, pos.step, pos.row
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
+            state.schedule = tuple(resumed.get("schedule", state.schedule))
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         params = [p for p in model.parameters() if p.requires_grad]
         grads, counts = gradient_buffers(params, device)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
-        cut_short = [False]  # whether --max-samples cut the last global batch short (the position is then inexact)
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
         amp = cfg.train.amp and device.type == "cuda"
         if cfg.train.amp and not amp:
@@ -369,10 +430,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
         def trainer_state() -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "position": {"epoch": state.epoch, "step": state.step}, "global_step": state.global_step,
-                    "samples": state.samples, "stats": stats.to_dict(), "config": cfg.to_dict(),
+                    "position": {"epoch": state.epoch, "step": state.step, "row": state.row},
+                    "global_step": state.global_step, "samples": state.samples, "schedule": list(state.schedule),
+                    "stats": stats.to_dict(), "config": cfg.to_dict(),
                     "world_size": dist.size(), "follow": feed.to_dict() if feed is not None else None,
-                    "cut_short": cut_short[0],
                     "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
 
         def train(state: Any) -> dict[str, Any]:
@@ -386,15 +447,36 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"--data: {e}") from None
             if adasum:
                 dist.adasum_([torch.zeros(1, device=device)])  # fail at start, not at the first step
+            global_batch = global_batch_for(world)
+            lr_scale = world if batch_per_rank else 1
+            steps_per_epoch = plan(Position(), global_batch).num_steps
+            if follow:  # how long training lasts is unknown (the schedules that need it require --max-steps)
+                total_steps = cfg.train.max_steps or 2**62
+                state.schedule = (0, 0.0, total_steps, global_batch)
+            elif batch_per_rank:
+                # The global batch is this world's, and may differ from the one the run began with: count
+                # the steps that remain at this size. --max-steps counts optimizer steps, whatever their
+                # size. On a world change the LR schedule is refitted to the new total from where it
+                # stands (continuous, ending on the last step; refit_schedule); warm-up counts
+                # optimizer steps.
+                here = Position(state.epoch, state.step, state.row)
+                total_steps = min(cfg.train.max_steps or 2**62,
+                                  state.global_step + steps_left(here, global_batch, state.samples))
+                state.schedule = refit_schedule(cfg, state.global_step, state.schedule, total_steps, global_batch)
+            else:
+                total_steps = min(cfg.train.max_steps or 2**62,
+                                  steps_for_samples(plan(Position(), global_batch), epochs, max_samples))
+                state.schedule = (0, 0.0, total_steps, global_batch)
+            schedule_start = state.schedule[:2]
             if not elastic:
                 dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
             def stream(parts: list[Any]) -> Stream:
                 return Stream(client, parts, len(stats.features), rank, world, cfg.data.prefetch, device)
 
             train_stream = stream(train_parts)
-            log.info("rank %d/%d: %d train rows in %d partitions, %d steps/epoch, %d epochs, from step %d, run dir %s",
-                     rank, world, stats.train_rows, len(stats.train_sizes), steps_per_epoch, epochs,
-                     state.global_step, run_dir.path)
+            log.info("rank %d/%d: %d train rows in %d partitions, global batch %d, %d steps/epoch, %d epochs, "
+                     "from step %d, run dir %s", rank, world, stats.train_rows, len(stats.train_sizes), global_batch,
+                     steps_per_epoch, epochs, state.global_step, run_dir.path)
             meter, total = Meter(), Meter()  # since the last metrics line; since this (re)start
             progress = Progress(dist.is_main(), cfg.run.progress_seconds)
             last_loss = float("nan")
@@ -403,14 +485,14 @@ def run(cfg: Config) -> dict[str, Any]:
             syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
             stop = False
             idle = False  # --follow: stopped by --idle-timeout
-            segment_rows = 0  # --follow: rows trained in the current segment
 
             def current_meter() -> Meter:
                 return meter
 
             def checkpoint(sync: bool = False) -> None:
                 t0 = time.perf_counter()
-                meta = {"epoch": state.epoch, "position_step": state.step, "world_size": world}
+                meta = {"epoch": state.epoch, "position_step": state.step, "position_row": state.row,
+                        "world_size": world}
                 coord.save(state.global_step, trainer_state, meta, sync=sync, defer=only_stepped())
                 meter.checkpoint += time.perf_counter() - t0
 
@@ -424,7 +506,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
             def files_done() -> int:
                 assert feed is not None
-                return feed.files_done(state.epoch, segment_rows if state.step else 0)
+                return feed.files_done(state.epoch, state.row)
 
             def wait_for_files(feed: Feed) -> str | None:
                 """Poll ``--data`` until new files land (then a segment of them is added to ``feed``), or
@@ -486,18 +568,17 @@ def run(cfg: Config) -> dict[str, Any]:
                         break
                     if not meter.rows:  # rates count from here, not from before the wait
                         meter = Meter()
-                start_step = state.step if epoch == state.epoch else 0
-                segment_rows = start_step * global_batch
+                at = Position(epoch, state.step, state.row) if epoch == state.epoch else Position(epoch)
                 left = None if max_samples is None else max_samples - state.samples
-                epoch_plan = limited(plan(epoch), start_step, left)
-                cut_short[0] = epoch_plan.cut and (epoch_plan.max_rows or 0) % global_batch != 0
+                epoch_plan = limited(plan(at, global_batch), left)
                 if feed is not None and epoch > 0:
                     train_stream = stream(dataset.file_partitions(feed.segments[epoch], "train"))
-                progress.start_epoch(epoch, epoch_plan.num_steps, start_step)
+                progress.start_epoch(epoch, epoch_plan.num_steps, at.step)
                 batch: Batch
-                for batch in timed(train_stream.batches(epoch_plan, start_step, y_dtype), current_meter):
+                for batch in timed(train_stream.batches(epoch_plan, y_dtype=y_dtype), current_meter):
                     for g in optimizer.param_groups:
-                        g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps)
+                        g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps,
+                                                                       schedule_start)
                     seed_step(step_seed(seed, state.global_step, rank), device)
                     optimizer.zero_grad(set_to_none=False)
                     # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
@@ -541,8 +622,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
                     state.global_step += 1
                     state.samples += batch.global_rows
-                    segment_rows += batch.global_rows
-                    state.epoch, state.step = epoch, batch.step + 1
+                    after = epoch_plan.position_after(batch.step)
+                    state.epoch, state.step, state.row = after.epoch, after.step, after.row
                     final_eval = None
                     if run_dir.audit:
                         run_dir.audit_rows(rank, epoch, batch.step, batch.row_id)
@@ -558,6 +639,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         record = {"step": state.global_step, "time": time.time(), "epoch": epoch,
                                   "samples": state.samples,
                                   "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "world_size": world,
+                                  "global_batch": global_batch,
                                   "syncs": syncs, **meter.timing(time.perf_counter())}
                         if stats.task == "classification":  # online: each row predicted before trained on
                             record["progressive_accuracy" if online else "accuracy"] = meter.correct / meter.rows
@@ -574,8 +656,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     if sync and coord.due(state.global_step):  # after a sync every rank holds the same model
                         checkpoint()
                 else:
-                    if not epoch_plan.cut:  # epoch finished: the next starts at its first step
-                        state.epoch, state.step = epoch + 1, 0
+                    if not epoch_plan.cut:  # epoch over: the next starts at its first row (--max-samples
+                        # cut it short: training stands at the cut row, and a larger limit goes on from there)
+                        state.epoch, state.step, state.row = epoch + 1, 0, 0
                 progress.close()
                 if stop:
                     break
@@ -641,7 +724,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 if entry_rank[0] == 0:
                     if failure is not None and isinstance(e, failure):
                         state.restore()  # mid-step: back to the commit (Horovod restores again, harmlessly)
-                    meta = {"epoch": state.epoch, "position_step": state.step, "reason": "world change"}
+                    meta = {"epoch": state.epoch, "position_step": state.step, "position_row": state.row,
+                            "reason": "world change"}
                     coord.save(state.global_step, trainer_state, meta, sync=True, force=True)
                 raise
 

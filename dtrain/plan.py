@@ -3,6 +3,10 @@
 The plan is a function of ``(seed, epoch, partition sizes, global batch size)`` and of nothing about the
 world: the global order of rows, and so the sequence of global batches, is the same for 1 rank or 64.
 A world of ``n`` ranks only decides how each global batch is cut into ``n`` contiguous slices.
+The global batch size only decides where the order is cut into batches, so a plan can also start
+mid-epoch (``start_row``): the rest of the epoch, cut into batches of another size. That is how an
+elastic run with ``--batch-per-rank`` (global batch = per-rank batch x ranks) goes on after a world
+change: from the first row of the epoch's order not yet trained, whatever batch size trained the rest.
 
 Rows are named by their *position*: partition ``p``'s row ``i`` has position ``offsets[p] + i``.
 
@@ -26,10 +30,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Position:
-    """Where training stands: the next global step to run is ``step`` of ``epoch``."""
+    """Where training stands: the next global step to run is ``step`` of ``epoch`` and begins at ``row``.
+
+    ``row`` is the index, in the epoch's global order, of the first row not yet trained: the position
+    that survives a change of the global batch size, since the order does not depend on it. ``step``
+    counts the epoch's steps so far (for logs and the audit). With a fixed global batch ``B``,
+    ``row == step * B``.
+    """
 
     epoch: int = 0
     step: int = 0
+    row: int = 0
 
 
 def rank_slice(batch_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -45,7 +56,13 @@ def rank_slice(batch_rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The global order of one epoch and its cut into global batches."""
+    """The global order of one epoch and its cut into global batches.
+
+    A plan may start mid-epoch: its steps ``start_step, start_step + 1, ...`` cut the rows from
+    ``start_row`` on into batches of ``global_batch_size``; the rows before ``start_row`` were trained
+    in the epoch's first ``start_step`` steps, possibly with other batch sizes. ``drop_last`` drops
+    the last partial batch of what the plan covers.
+    """
 
     partition_sizes: tuple[int, ...]
     global_batch_size: int
@@ -54,6 +71,8 @@ class EpochPlan:
     shuffle: bool = True
     shuffle_window: int = 4
     drop_last: bool = False
+    start_step: int = 0
+    start_row: int = 0
     # Train only the first ``max_rows`` rows of the epoch's order (``--max-samples``): the batch that
     # reaches it is cut short, whatever ``drop_last`` says (it is about the natural end of the epoch).
     max_rows: int | None = None
@@ -68,6 +87,17 @@ class EpochPlan:
         if self.max_rows is not None and self.max_rows < 0:
             raise ValueError(f"max_rows must be >= 0, got {self.max_rows}")
         object.__setattr__(self, "partition_sizes", tuple(int(s) for s in self.partition_sizes))
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {self.start_step}")
+        if not 0 <= self.start_row <= self.num_rows:
+            raise ValueError(f"start_row must be within the epoch's {self.num_rows} rows, got {self.start_row}")
+
+    @classmethod
+    def at(cls, position: Position, partition_sizes: tuple[int, ...], global_batch_size: int, seed: int = 0,
+           shuffle: bool = True, shuffle_window: int = 4, drop_last: bool = False) -> EpochPlan:
+        """The rest of ``position``'s epoch, from its next step on, in batches of ``global_batch_size``."""
+        return cls(partition_sizes, global_batch_size, seed, position.epoch, shuffle, shuffle_window, drop_last,
+                   position.step, position.row)
 
     # -- the global order ---------------------------------------------------------------------------
 
@@ -165,15 +195,20 @@ class EpochPlan:
 
     @property
     def num_steps(self) -> int:
-        full, rest = divmod(self.num_rows, self.global_batch_size)
-        return full + (1 if rest and (self.cut or not self.drop_last) else 0)
+        """Steps of the epoch: ``start_step`` before this plan, then this plan's."""
+        full, rest = divmod(self.num_rows - self.start_row, self.global_batch_size)
+        return self.start_step + full + (1 if rest and (self.cut or not self.drop_last) else 0)
 
     def batch_bounds(self, step: int) -> tuple[int, int]:
         """Global order indexes ``[start, stop)`` of the global batch at ``step``."""
-        if not 0 <= step < self.num_steps:
-            raise IndexError(f"step {step} outside epoch of {self.num_steps} steps")
-        start = step * self.global_batch_size
+        if not self.start_step <= step < self.num_steps:
+            raise IndexError(f"step {step} outside steps {self.start_step}..{self.num_steps - 1} of the epoch")
+        start = self.start_row + (step - self.start_step) * self.global_batch_size
         return start, min(start + self.global_batch_size, self.num_rows)
+
+    def position_after(self, step: int) -> Position:
+        """Where training stands once ``step`` has been trained."""
+        return Position(self.epoch, step + 1, self.batch_bounds(step)[1])
 
     def batch_rows(self, step: int) -> int:
         start, stop = self.batch_bounds(step)
@@ -188,8 +223,12 @@ class EpochPlan:
         lo, hi = rank_slice(stop - start, world_size, rank)
         return self.order(start + lo, start + hi)
 
-    def steps(self, start_step: int = 0) -> Iterator[int]:
-        return iter(range(start_step, self.num_steps))
+    def steps(self, start_step: int | None = None) -> Iterator[int]:
+        """This plan's steps from ``start_step`` (default: its first) on."""
+        start = self.start_step if start_step is None else start_step
+        if start < self.start_step:
+            raise ValueError(f"step {start} is before this plan's first step {self.start_step}")
+        return iter(range(start, self.num_steps))
 
     # -- positions to partitions --------------------------------------------------------------------
 
@@ -218,14 +257,11 @@ def group_by_partition(
     return groups
 
 
-def limited(plan: EpochPlan, start_step: int, samples_left: int | None) -> EpochPlan:
-    """``plan`` cut so that the steps from ``start_step`` on train at most ``samples_left`` rows.
-
-    Steps before ``start_step`` are full global batches (only an epoch's last step may be short).
-    """
+def limited(plan: EpochPlan, samples_left: int | None) -> EpochPlan:
+    """``plan`` cut so that its steps (from its first, ``start_row`` on) train at most ``samples_left`` rows."""
     if samples_left is None:
         return plan
-    end = start_step * plan.global_batch_size + max(samples_left, 0)
+    end = plan.start_row + max(samples_left, 0)
     return plan if end >= plan.num_rows else dataclasses.replace(plan, max_rows=end)
 
 

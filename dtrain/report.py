@@ -223,9 +223,10 @@ def summarize(run: Run) -> str:
                      f", epoch {last.get('epoch', '?')}")
     if run.config:
         source = data.get("data") or f"generated ({_num(data.get('gen_rows'))} rows)"
+        batch = f"batch {_num(train['batch_per_rank'])} per rank (global batch and lr x ranks)" \
+            if train.get("batch_per_rank") else f"global batch {_num(train.get('global_batch_size'))}"
         lines.append(f"  config     {train.get('mode', '?')} {model.get('model', '?')} on {source}; "
-                     f"{optim.get('optimizer', '?')} lr {_num(optim.get('lr'))}, "
-                     f"global batch {_num(train.get('global_batch_size'))}")
+                     f"{optim.get('optimizer', '?')} lr {_num(optim.get('lr'))}, {batch}")
     else:
         lines.append("  config     (no config.yaml)")
     steps = s["steps"] if s else last["step"]

@@ -206,9 +206,9 @@ class Stream:
             self._held.pop(p).release()
 
     def batches(
-        self, plan: EpochPlan, start_step: int = 0, y_dtype: np.dtype | None = None
+        self, plan: EpochPlan, start_step: int | None = None, y_dtype: np.dtype | None = None
     ) -> Generator[Batch, None, None]:
-        """This rank's batches of ``plan`` from ``start_step`` on, in step order."""
+        """This rank's batches of ``plan`` from ``start_step`` (default: the plan's first) on, in step order."""
         y_dtype = np.dtype(y_dtype or np.int64)
         self._workers = sorted(self.client.nthreads())
         steps = list(plan.steps(start_step))

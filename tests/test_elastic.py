@@ -9,6 +9,7 @@ blacklisted while the job goes on.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import time
@@ -39,11 +40,11 @@ def paced(train: list[str]) -> list[str]:
     return [("paced_model:factory" if arg == "logistic" else arg) for arg in train]
 
 
-def elastic_command(scheduler: str, run_dir: Path, audit: Path) -> list[str]:
+def elastic_command(scheduler: str, run_dir: Path, audit: Path, train: list[str] = TRAIN) -> list[str]:
     return [HOROVODRUN, "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script", DISCOVER,
             "--network-interfaces", "lo", "--gloo-timeout-seconds", "10", "--blacklist-cooldown-range", "2", "4",
             PYTHON, "-m", "dtrain", "--scheduler", scheduler, "--run-dir", str(run_dir),
-            "--audit-dir", str(audit), *paced(TRAIN)]
+            "--audit-dir", str(audit), *paced(train)]
 
 
 def start_elastic(cmd: list[str], log: Path, hosts_file: Path, pace: Path) -> Any:
@@ -106,11 +107,12 @@ def fixed_size_run(dask_client, tmp_path_factory) -> Path:
     return run
 
 
-def run_elastic(dask_client: Any, tmp_path: Path, hosts: str, disrupt: Any) -> tuple[Path, Path, str]:
+def run_elastic(dask_client: Any, tmp_path: Path, hosts: str, disrupt: Any,
+                train: list[str] = TRAIN) -> tuple[Path, Path, str]:
     hosts_file, run, audit, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "audit", tmp_path / "log.txt"
     hosts_file.write_text(hosts)
     pace = tmp_path / "pace"
-    proc = start_elastic(elastic_command(dask_client.scheduler.address, run, audit), log, hosts_file, pace)
+    proc = start_elastic(elastic_command(dask_client.scheduler.address, run, audit, train), log, hosts_file, pace)
     try:
         disrupt(proc, run, hosts_file)
         pace.unlink()  # the world is back to 2 ranks: finish at full speed
@@ -121,9 +123,12 @@ def run_elastic(dask_client: Any, tmp_path: Path, hosts: str, disrupt: Any) -> t
     return run, audit, log.read_text()
 
 
-def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
+def shrink_then_grow(after_step: int) -> Any:
+    """A disruption: once step ``after_step`` ran on 2 ranks, remove a slot, and once the world has
+    shrunk, give it back (graceful changes: they take effect at the next commit)."""
     def disrupt(proc: Any, run: Path, hosts_file: Path) -> None:
-        wait_for("step 100 on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 100], proc)
+        wait_for(f"step {after_step} on 2 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= after_step],
+                 proc)
         seen = len(metrics_lines(run))
         hosts_file.write_text("localhost:1\n")  # graceful removal of a slot
         wait_for("the world shrinking to 1", until_world(run, 1, seen), proc)
@@ -131,7 +136,11 @@ def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
         hosts_file.write_text("localhost:2\n")  # and back
         wait_for("the world growing to 2", until_world(run, 2, seen), proc)
 
-    run, audit, _ = run_elastic(dask_client, tmp_path, "localhost:2\n", disrupt)
+    return disrupt
+
+
+def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
+    run, audit, _ = run_elastic(dask_client, tmp_path, "localhost:2\n", shrink_then_grow(100))
     sizes = world_sizes(run)
     assert 1 in sizes and sizes[0] == 2 and sizes[-1] == 2
     summary = json.loads((run / "summary.json").read_text())
@@ -190,3 +199,33 @@ def test_min_np_not_met_ends_with_message_and_checkpoint(dask_client, tmp_path):
     assert saved is not None, "no checkpoint of the last commit"
     step = saved[1]["global_step"]
     assert step % 20 == 0 and last - 20 <= step <= last + 20  # the last commit, not an older one
+
+
+# --batch-per-rank 32: the global batch is 64 on 2 ranks and 32 on 1, the LR 2x or 1x --lr. Smaller data
+# and 2 epochs keep it short; a cosine schedule checks that the steps left are recounted at each world
+# change (the decay still ends on the last step). A commit every 15 steps (15 x 32 rows on 1 rank, not
+# a multiple of 64) lets the world grow back at a row that is not on a boundary of 2-rank batches.
+PER_RANK = ["--gen-rows", "16000", "--batch-per-rank", "32", "--epochs", "2", "--optimizer", "sgd",
+            "--momentum", "0", "--lr", "0.05", "--schedule", "cosine", "--model", "logistic", "--log-every", "5",
+            "--commit-every", "15"]
+
+
+def test_per_rank_batch_follows_the_world(dask_client, tmp_path):
+    run, audit, _ = run_elastic(dask_client, tmp_path, "localhost:2\n", shrink_then_grow(40), PER_RANK)
+    lines = metrics_lines(run)
+    sizes = [m["world_size"] for m in lines]
+    assert 1 in sizes and sizes[0] == 2 and sizes[-1] == 2
+    assert all(m["global_batch"] == 32 * m["world_size"] for m in lines)
+    # LR = --lr x ranks x the cosine factor, which only ever decreases (the schedule is refitted
+    # continuously at each change) and reaches ~0 on the last step.
+    factors = [m["lr"] / (0.05 * m["world_size"]) for m in lines]
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(factors)), factors
+    assert factors[-1] < 1e-3
+    # Every row of both epochs trained exactly once, across batch sizes 64 and 32.
+    assert check_audit(audit, run) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    train_rows = sum(json.loads((run / "stats.json").read_text())["train_sizes"])
+    assert summary["epochs"] == 2 and summary["samples"] == 2 * train_rows
+    steps = {(json.loads(line)["epoch"], json.loads(line)["step"])
+             for f in audit.glob("*.jsonl") for line in f.read_text().splitlines()}
+    assert summary["steps"] == len(steps) == lines[-1]["step"]

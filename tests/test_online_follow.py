@@ -124,7 +124,7 @@ def test_sigterm_while_waiting_then_rerun_resumes_up_to_max_samples(dask_client,
     assert "Exit code: 143" in text or "exit with status code 143" in text, text[-3000:]
     saved = Checkpointer(str(run / "checkpoints")).latest()
     assert saved is not None
-    assert saved[1]["samples"] == len(first) and saved[1]["position"] == {"epoch": 1, "step": 0}
+    assert saved[1]["samples"] == len(first) and saved[1]["position"] == {"epoch": 1, "step": 0, "row": 0}
     assert sorted(audited(audit)) == sorted(first)
 
     land(data, "b.parquet", 600, seed=1)

@@ -19,12 +19,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root: Path, *, complete: bool = True, online: bool = False, regression: bool = False,
-             worlds: tuple[int, ...] = (2, 2, 1, 1), sha: str = "ab" * 32, resumed: bool = False) -> Path:
+             worlds: tuple[int, ...] = (2, 2, 1, 1), sha: str = "ab" * 32, resumed: bool = False,
+             batch_per_rank: int | None = None) -> Path:
     """A run directory as dtrain writes it: 10 steps per metrics line, an evaluation every 20 steps."""
     root.mkdir(parents=True)
     cfg = Config()
     cfg.train.mode = "online" if online else "minibatch"
     cfg.train.global_batch_size = 256
+    cfg.train.batch_per_rank = batch_per_rank
     (root / "config.yaml").write_text(cfg.to_yaml())
     lines: list[dict[str, Any]] = []
     for i, world in enumerate(worlds, 1):
@@ -100,6 +102,13 @@ def test_single_run_text_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "sha256 abababababababab\n" in out
     assert f"plot: {run / 'report.png'}" in out
     check_png(run / "report.png")
+
+
+@pytest.mark.unit
+def test_per_rank_batch_is_reported_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_report([str(make_run(tmp_path / "run", batch_per_rank=32))], capsys)
+    assert "adamw lr 0.001, batch 32 per rank (global batch and lr x ranks)" in out
+    assert "global batch 256" not in out
 
 
 @pytest.mark.unit

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dtrain import cli
 from dtrain.config import Config, ConfigError, DataConfig, TrainConfig
 from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, ignored, new_files, number_rows
-from dtrain.plan import EpochPlan, limited, steps_for_samples
+from dtrain.plan import EpochPlan, Position, limited, steps_for_samples
 
 pytestmark = pytest.mark.unit
 
@@ -92,7 +92,7 @@ def test_feed_round_trips_through_a_checkpoint_dict() -> None:
 # -- --max-samples: the plan's row limit ------------------------------------------------------------------
 
 
-def trained_rows(plan: EpochPlan, start: int = 0) -> list[int]:
+def trained_rows(plan: EpochPlan, start: int | None = None) -> list[int]:
     return [int(r) for s in plan.steps(start) for r in plan.global_batch(s)]
 
 
@@ -103,11 +103,13 @@ def test_limited_plan_trains_exactly_the_rows_left(sizes: list[int], batch: int,
                                                    drop_last: bool) -> None:
     plan = EpochPlan(tuple(sizes), batch, shuffle=False, drop_last=drop_last)
     start = min(start, plan.num_steps)
-    cut = limited(plan, start, left)
-    rows = trained_rows(cut, start)
+    rest = EpochPlan.at(Position(0, start, min(start * batch, plan.num_rows)), tuple(sizes), batch, shuffle=False,
+                        drop_last=drop_last)
+    cut = limited(rest, left)
+    rows = trained_rows(cut)
     assert rows == trained_rows(plan, start)[: len(rows)]  # a prefix of the uncut epoch, same order
     assert len(rows) == min(left, len(trained_rows(plan, start)))
-    assert limited(plan, start, None) is plan
+    assert limited(rest, None) is rest
 
 
 def test_steps_for_samples() -> None:

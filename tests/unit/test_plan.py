@@ -229,6 +229,8 @@ def test_position_defaults_and_equality() -> None:
     assert Position() == Position(0, 0)
     assert Position(2, 5) == Position(epoch=2, step=5)
     assert Position(2, 5) != Position(2, 6)
+    assert Position(2, 5, 320) != Position(2, 5, 310)
+    assert Position().row == 0
 
 
 @FAST
@@ -237,6 +239,112 @@ def test_batch_bounds_outside_the_epoch_raise(plan: EpochPlan) -> None:
     for step in (-1, plan.num_steps, plan.num_steps + 7):
         with pytest.raises(IndexError):
             plan.batch_bounds(step)
+
+
+# -- a global batch that changes mid-epoch (elastic runs with --batch-per-rank) ---------------------------
+
+
+@st.composite
+def world_changes(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """(world size, steps trained before the next change) for each world an epoch sees."""
+    return draw(st.lists(st.tuples(worlds_st, st.integers(0, 12)), min_size=1, max_size=8))
+
+
+def train_with_world_changes(base: EpochPlan, per_rank: int, changes: list[tuple[int, int]]
+                             ) -> tuple[list[np.ndarray], list[int], Position]:
+    """Train ``base``'s epoch with global batch ``per_rank x world``, the world changing as ``changes``
+    says (the last world finishes the epoch), each new world's plan starting where training stands.
+
+    Returns the global batches as the ranks trained them (rank slices concatenated), the batch size
+    each was cut with, and the final position.
+    """
+    pos = Position(base.epoch)
+    batches, sizes = [], []
+    for i, (world, steps) in enumerate(changes):
+        plan = EpochPlan.at(pos, base.partition_sizes, per_rank * world, base.seed, base.shuffle,
+                            base.shuffle_window, base.drop_last)
+        assert plan.start_step == pos.step and plan.start_row == pos.row
+        last = i == len(changes) - 1
+        for step in itertools.islice(plan.steps(pos.step), None if last else steps):
+            batches.append(concat([plan.rank_batch(step, world, r) for r in range(world)]))
+            sizes.append(plan.global_batch_size)
+            pos = plan.position_after(step)
+            assert pos.step == step + 1
+    return batches, sizes, pos
+
+
+@SLOW
+@given(plans(drop_last=False, max_steps=24), st.integers(1, 40), world_changes())
+def test_per_rank_batch_with_world_changes_trains_every_row_once(
+        base: EpochPlan, per_rank: int, changes: list[tuple[int, int]]) -> None:
+    batches, sizes, pos = train_with_world_changes(base, per_rank, changes)
+    n = base.num_rows
+    # The epoch's own order, every row once, whatever the cuts: nothing padded, nothing skipped.
+    np.testing.assert_array_equal(concat(batches), base.order(0, n))
+    assert pos == Position(base.epoch, len(batches), n)
+    # Every batch is full at the size of its world, but possibly the epoch's last one.
+    assert all(len(b) == size for b, size in zip(batches[:-1], sizes, strict=False))
+    assert all(0 < len(b) <= size for b, size in zip(batches, sizes, strict=True))
+
+
+@SLOW
+@given(plans(drop_last=True, max_steps=24), st.integers(1, 40), world_changes())
+def test_per_rank_batch_with_world_changes_and_drop_last_drops_only_the_tail(
+        base: EpochPlan, per_rank: int, changes: list[tuple[int, int]]) -> None:
+    batches, sizes, pos = train_with_world_changes(base, per_rank, changes)
+    trained = concat(batches)
+    # A prefix of the epoch's order, each row once, every batch full; the rest is less than one batch
+    # of the last world.
+    np.testing.assert_array_equal(trained, base.order(0, len(trained)))
+    assert all(len(b) == size for b, size in zip(batches, sizes, strict=True))
+    assert pos.row == len(trained)
+    assert base.num_rows - len(trained) < per_rank * changes[-1][0]
+
+
+@FAST
+@given(plans(), st.data())
+def test_a_plan_started_at_a_batch_boundary_is_the_plain_plan(plan: EpochPlan, data: st.DataObject) -> None:
+    # The default path: with a fixed global batch, the position's row is step x batch, and the plan
+    # rebuilt from it cuts exactly the plain plan's batches (so resumed runs are unchanged).
+    b = plan.global_batch_size
+    step = data.draw(st.integers(0, plan.num_steps), label="step")
+    pos = Position(plan.epoch, step, min(step * b, plan.num_rows))
+    resumed = EpochPlan.at(pos, plan.partition_sizes, b, plan.seed, plan.shuffle, plan.shuffle_window,
+                           plan.drop_last)
+    assert resumed.num_steps == plan.num_steps
+    assert list(resumed.steps()) == list(plan.steps(step))
+    world = data.draw(worlds_st, label="world")
+    for s in resumed.steps():
+        assert resumed.batch_bounds(s) == plan.batch_bounds(s)
+        for r in range(world):
+            np.testing.assert_array_equal(resumed.rank_batch(s, world, r), plan.rank_batch(s, world, r))
+        assert resumed.position_after(s) == plan.position_after(s) == Position(plan.epoch, s + 1,
+                                                                                 min((s + 1) * b, plan.num_rows))
+
+
+def test_plan_started_mid_epoch_examples() -> None:
+    plan = EpochPlan((10,), global_batch_size=4, shuffle=False, start_step=3, start_row=5)
+    assert plan.num_steps == 5  # 3 steps before, then rows 5..8 and 9
+    assert list(plan.steps()) == [3, 4]
+    assert [plan.global_batch(s).tolist() for s in plan.steps()] == [[5, 6, 7, 8], [9]]
+    assert plan.position_after(4) == Position(0, 5, 10)
+    dropping = EpochPlan((10,), global_batch_size=4, shuffle=False, drop_last=True, start_step=3, start_row=5)
+    assert list(dropping.steps()) == [3]
+    done = EpochPlan((10,), global_batch_size=4, start_step=7, start_row=10)
+    assert done.num_steps == 7 and list(done.steps()) == []
+    with pytest.raises(IndexError):
+        plan.batch_bounds(2)
+    with pytest.raises(ValueError, match="before this plan's first step"):
+        plan.steps(2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"start_step": -1}, "start_step"), ({"start_row": -1}, "start_row"), ({"start_row": 8}, "start_row")],
+)
+def test_plan_start_outside_the_epoch_raises(kwargs: dict[str, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EpochPlan((3, 4), 2, **kwargs)  # type: ignore[arg-type]
 
 
 # -- determinism and shuffling ----------------------------------------------------------------------------
