@@ -5,7 +5,7 @@
 
 The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
 learning rate set per step, the per-step dropout seed (``torch.manual_seed``),
-``optimizer.zero_grad(set_to_none=False)``, ``engine.forward_backward`` (loss *sum* / global rows),
+``optimizer.zero_grad(set_to_none=alone)``, ``engine.forward_backward`` (loss *sum* / global rows),
 the loss and counts added into ``counts``, the stop vote,
 ``dist.allreduce_sum_(grads, uncompressed=[counts])`` (one collective), ``optimizer.step()``,
 ``counts.tolist()``. Only the Dask stream is left out: each rank slices its part of every global
@@ -42,7 +42,8 @@ def main() -> None:
     optimizer = make_optimizer(cfg, model.parameters())
     dist.broadcast_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    grads, counts = gradient_buffers(params, device)
+    alone = not dist.is_distributed()
+    grads, counts = gradient_buffers(params, device, alone)
 
     x, y = synthetic(args.rows, args.model, seed)
     b = args.global_batch
@@ -66,7 +67,7 @@ def main() -> None:
         for g in optimizer.param_groups:
             g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
         seed_step(step_seed(seed, global_step, rank), device)
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=alone)
         loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows, False)
         counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
         counts[3] = 0.0  # the stop vote
