@@ -176,7 +176,7 @@ class TrainConfig:
     batch_per_rank: int | None = doc(None, "opt-in: rows per rank per step instead; --lr is scaled by the ranks")
     accumulate: int = doc(1, "micro-batches per rank per step, one allreduce (Horovod's backward_passes_per_step)")
     sync_every: int = doc(1, "local SGD: average parameters every k steps instead of allreducing every step")
-    amp: bool = doc(False, "mixed precision (torch.autocast, bfloat16) on GPU")
+    amp: bool = doc(False, "mixed precision: the forward pass in torch.autocast bfloat16 (GPU, or CPU)")
     commit_every: int = doc(20, "elastic runs: commit the training state in memory every N steps")
     epochs: int = doc(3, "passes over the training split (online mode: 1)")
     max_steps: int | None = doc(None, "stop after this many optimizer steps in total")

@@ -65,3 +65,14 @@ def test_mlp_matches_scikit_learn_on_default_data(horovodrun, tmp_path):
                        random_state=0).fit(x[~val], y[~val])
     theirs = sk.score(x[val], y[val])
     assert ours >= theirs - 0.01, (ours, theirs)
+
+
+def test_amp_trains_in_bfloat16_autocast_to_float32_accuracy(horovodrun, tmp_path):
+    """--amp (bfloat16 autocast, here on CPU as it would be on GPU): the ranks stay identical and the
+    model learns as well as in float32, while its predictions do differ from float32's."""
+    args = ["--gen-rows", "8000", "--gen-partitions", "4", "--epochs", "3"]
+    full = horovodrun(args, run_dir=tmp_path / "fp32").check().summary()
+    amp = horovodrun([*args, "--amp"], run_dir=tmp_path / "amp").check().summary()
+    assert amp["ranks_identical"]
+    assert amp["model_sha256"] != full["model_sha256"]  # the forward pass really ran in bfloat16
+    assert amp["eval_accuracy"] >= full["eval_accuracy"] - 0.02, (amp["eval_accuracy"], full["eval_accuracy"])

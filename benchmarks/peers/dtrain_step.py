@@ -68,7 +68,7 @@ def main() -> None:
             g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
         seed_step(step_seed(seed, global_step, rank), device)
         optimizer.zero_grad(set_to_none=alone)
-        loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows, False)
+        loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows)
         counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
         counts[3] = 0.0  # the stop vote
         t0 = time.perf_counter()
