@@ -27,15 +27,16 @@ from typing import Any
 
 import psutil
 
+from dtrain.report import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 
 
 def lines(run: Path) -> list[dict[str, Any]]:
+    """The step lines the job has logged so far."""
     path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}") and '"loss"' in x]
+    return [m for m in read_metrics(path)[0] if "loss" in m] if path.exists() else []
 
 
 def wait(what: str, check: Any, proc: subprocess.Popen[bytes], timeout: float = 300) -> Any:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from dtrain import datagen
 from dtrain.config import DataConfig
 from dtrain.data import Dataset, Stats, open_source
 from dtrain.plan import EpochPlan, group_by_partition
+from dtrain.report import read_metrics
 from dtrain.stream import Stream, rank_positions
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,8 @@ def real_run_stall(data: str, batch: int, run_dir: str) -> dict[str, Any]:
     """The fraction of step time a real training run waits for the stream (its metrics' data_stall)."""
     subprocess.run([sys.executable, "-m", "dtrain", "--data", data, "--epochs", "1", "--global-batch-size",
                     str(batch), "--run-dir", run_dir, "--log-every", "20"], check=True, capture_output=True)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f if '"data_stall"' in line][1:]  # skip the warm-up line
+    records, _ = read_metrics(Path(run_dir, "metrics.jsonl"))
+    lines = [m for m in records if "data_stall" in m][1:]  # skip the warm-up line
     return {"lines": len(lines), "data_stall_median": float(np.median([m["data_stall"] for m in lines])),
             "samples_per_sec_median": float(np.median([m["samples_per_sec"] for m in lines]))}
 

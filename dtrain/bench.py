@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtrain.report import ReportError, read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "benchmarks" / "peers"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -277,11 +279,11 @@ def run_once(c: Contender) -> Run:
         return Run(c.name, None, load=load, seconds=seconds, error=f"exit {proc.returncode}\n{output[-3000:]}")
     if c.run_dir:
         try:
-            lines = Path(c.run_dir, "metrics.jsonl").read_text().splitlines()
+            metrics, _ = read_metrics(Path(c.run_dir, "metrics.jsonl"))
             summary = json.loads(Path(c.run_dir, "summary.json").read_text())
-        except OSError as e:
+        except (OSError, ReportError) as e:
             return Run(c.name, None, load=load, seconds=seconds, error=f"no run directory output ({e})")
-        windows = steady_state([json.loads(line) for line in lines if line.strip()])
+        windows = steady_state(metrics)
         extra = {"summary_samples_per_sec": summary.get("samples_per_sec"), "wall_seconds": summary.get("wall_seconds"),
                  "steps": summary.get("steps")}
         return Run(c.name, median(windows), windows, load, seconds, extra=extra)

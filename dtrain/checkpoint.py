@@ -184,13 +184,16 @@ class Checkpointer:
         self._thread = threading.Thread(target=target, name="dtrain-checkpoint", daemon=False)
         self._thread.start()
 
-    def fence(self) -> None:
+    def fence(self) -> float:
         """Return once the write in flight no longer reads the caller's tensors (its deferred copies
-        are done); the wait counts in ``last_block_seconds``."""
-        if not self._staged.is_set():
-            t0 = time.perf_counter()
-            self._staged.wait()
-            self.last_block_seconds += time.perf_counter() - t0
+        are done), with the seconds waited; the wait also counts in ``last_block_seconds``."""
+        if self._staged.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        self._staged.wait()
+        waited = time.perf_counter() - t0
+        self.last_block_seconds += waited
+        return waited
 
     def wait(self) -> None:
         """Wait for the write in flight; raise if it failed."""

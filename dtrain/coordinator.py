@@ -116,12 +116,13 @@ class Coordinator:
             ckpt.save_async(global_step, state(), meta, defer=defer)
         self._last_save = time.monotonic()
 
-    def fence(self) -> None:
+    def fence(self) -> float:
         """Before changing the tensors a save deferred: wait until the checkpoint has copied them.
+        Returns the seconds waited (0.0 at once when nothing is deferred).
 
         Not only on rank 0: a process that wrote as rank 0 may have another rank after a world change.
         """
-        self._ckpt.fence()
+        return self._ckpt.fence()
 
     def close(self) -> None:
         self._ckpt.wait()

@@ -331,7 +331,7 @@ def inspect_new_file(path: str, columns: tuple[str, ...], spec: Spec) -> dict[st
         if not pd.api.types.is_numeric_dtype(df[c].dtype):
             raise DataError(f"--follow: column {c!r} of {path} is not numeric ({df[c].dtype}); "
                             "write it as numbers, as in the first files")
-    x = df[list(spec.features)].to_numpy(dtype=np.float64, na_value=np.nan)
+    x = _features(df, spec, np.float64)
     if spec.fillna is None and np.isnan(x).any():
         raise DataError(f"--follow: {int(np.isnan(x).sum())} missing feature values in {path}; "
                         "clean the file or pass --fillna VALUE")

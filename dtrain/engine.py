@@ -399,8 +399,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 rest = limited(plan(here if epoch == here.epoch else Position(epoch), global_batch), budget)
                 steps += rest.num_steps - rest.start_step
                 if budget is not None:
-                    budget -= min(rest.num_rows, rest.start_row + (rest.num_steps - rest.start_step) * global_batch) \
-                        - rest.start_row
+                    budget -= rest.trained_rows
                     if budget <= 0:
                         break
             return steps
@@ -419,11 +418,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"--resume: the checkpoint's model does not fit this model and data "
                                 f"({str(e).splitlines()[0]}); use the same --model flags, or --resume never") from None
             pos = checkpoint_position(resumed)
-            known = len(feed.segments) if feed is not None else epochs
-            sizes = feed.train_sizes(pos.epoch) if feed is not None and pos.epoch < known else stats.train_sizes
-            if pos.epoch < known and (pos.row > sum(sizes)
-                                      or plan(pos, global_batch_for(dist.size())).num_steps <= pos.step):
-                pos = Position(pos.epoch + 1)  # the epoch is over (or forced onto smaller data)
+            if pos.epoch < (len(feed.segments) if feed is not None else epochs):
+                epoch_rows = plan(Position(pos.epoch), 1).num_rows
+                if pos.row > epoch_rows or plan(pos, global_batch_for(dist.size())).num_steps <= pos.step:
+                    pos = Position(pos.epoch + 1)  # the epoch is over (or forced onto smaller data)
             state.epoch, state.step, state.row = pos.epoch, pos.step, pos.row
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.schedule = tuple(resumed.get("schedule", state.schedule))
@@ -479,6 +477,7 @@ def run(cfg: Config) -> dict[str, Any]:
             schedule_start = state.schedule[:2]
             if not elastic:
                 dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
+
             def stream(parts: list[Any]) -> Stream:
                 return Stream(client, parts, len(stats.features), rank, world, cfg.data.prefetch, device)
 
@@ -616,9 +615,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         meter.allreduce += time.perf_counter() - t_sync
                     if cfg.optim.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    t_fence = time.perf_counter()
-                    coord.fence()  # the checkpoint in flight has copied the parameters it deferred
-                    meter.checkpoint += time.perf_counter() - t_fence
+                    meter.checkpoint += coord.fence()  # the checkpoint in flight has copied what it deferred
                     optimizer.step()
                     if local_sgd and sync:
                         # (3') local SGD: average the models every k steps, counts riding along.
@@ -664,9 +661,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         state.commit()
                     if sync and coord.due(state.global_step):  # after a sync every rank holds the same model
                         checkpoint()
-                else:
-                    if not epoch_plan.cut:  # epoch over: the next starts at its first row (--max-samples
-                        # cut it short: training stands at the cut row, and a larger limit goes on from there)
+                else:  # the plan ran out: the next epoch starts at its first row, unless --max-samples cut
+                    # this one short (training then stands at the cut row, where a larger limit goes on)
+                    if not epoch_plan.cut:
                         state.epoch, state.step, state.row = epoch + 1, 0, 0
                 progress.close()
                 if stop:

@@ -199,6 +199,12 @@ class EpochPlan:
         full, rest = divmod(self.num_rows - self.start_row, self.global_batch_size)
         return self.start_step + full + (1 if rest and (self.cut or not self.drop_last) else 0)
 
+    @property
+    def trained_rows(self) -> int:
+        """Rows this plan's steps train, from ``start_row`` on (``drop_last`` leaves a short tail out)."""
+        steps = self.num_steps - self.start_step
+        return min(self.num_rows, self.start_row + steps * self.global_batch_size) - self.start_row
+
     def batch_bounds(self, step: int) -> tuple[int, int]:
         """Global order indexes ``[start, stop)`` of the global batch at ``step``."""
         if not self.start_step <= step < self.num_steps:
@@ -259,15 +265,14 @@ def group_by_partition(
 
 def limited(plan: EpochPlan, samples_left: int | None) -> EpochPlan:
     """``plan`` cut so that its steps (from its first, ``start_row`` on) train at most ``samples_left`` rows."""
-    if samples_left is None:
+    if samples_left is None or samples_left >= plan.trained_rows:
         return plan
-    end = plan.start_row + max(samples_left, 0)
-    return plan if end >= plan.num_rows else dataclasses.replace(plan, max_rows=end)
+    return dataclasses.replace(plan, max_rows=plan.start_row + max(samples_left, 0))
 
 
 def steps_for_samples(plan: EpochPlan, epochs: int, samples: int | None) -> int:
     """Steps that ``epochs`` epochs shaped like ``plan`` take to train ``samples`` rows (all of them if None)."""
-    per_epoch = min(plan.num_rows, plan.num_steps * plan.global_batch_size)  # rows drop_last keeps
+    per_epoch = plan.trained_rows
     if samples is None or per_epoch == 0 or samples >= epochs * per_epoch:
         return epochs * plan.num_steps
     full, rest = divmod(samples, per_epoch)

@@ -82,7 +82,8 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     return value
 
 
-def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """A run's metrics lines, and whether a last, half-written line was left out (a live or dead run)."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -133,7 +134,7 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
     if not metrics.is_file():
         raise ReportError(f"{root} has no metrics.jsonl (not a run directory, or the run stopped before its "
                           "first metrics line); pass a run directory that logged at least one step")
-    records, partial = _read_metrics(metrics)
+    records, partial = read_metrics(metrics)
     step_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_loss" in r]
     if not step_lines and not eval_lines:

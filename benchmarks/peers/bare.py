@@ -8,6 +8,8 @@ could at best reach). Batches are views sliced from in-memory tensors: no loader
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from _harness import build_model, measure, parser, report, synthetic
@@ -24,15 +26,10 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     x, y = synthetic(args.rows, args.model, args.seed)
     b = args.global_batch
-    starts = range(0, args.rows - b + 1, b)
-    it = iter(starts)
+    starts = itertools.cycle(range(0, args.rows - b + 1, b))
 
     def step() -> None:
-        nonlocal it
-        i = next(it, None)
-        if i is None:
-            it = iter(starts)
-            i = next(it)
+        i = next(starts)
         opt.zero_grad()
         loss = F.cross_entropy(model(x[i : i + b]), y[i : i + b])
         loss.backward()

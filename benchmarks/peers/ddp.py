@@ -10,6 +10,7 @@ the gradients in buckets (25 MB by default) during the backward pass. Threads: t
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -29,15 +30,10 @@ def main() -> None:
     x, y = synthetic(args.rows, args.model, args.seed)
     b = args.global_batch
     lo, hi = rank * b // world, (rank + 1) * b // world
-    starts = range(0, args.rows - b + 1, b)
-    it = iter(starts)
+    starts = itertools.cycle(range(0, args.rows - b + 1, b))
 
     def step() -> None:
-        nonlocal it
-        i = next(it, None)
-        if i is None:
-            it = iter(starts)
-            i = next(it)
+        i = next(starts)
         opt.zero_grad()
         loss = F.cross_entropy(model(x[i + lo : i + hi]), y[i + lo : i + hi])
         loss.backward()

@@ -15,6 +15,7 @@ alone. ``dtrain.dist.init()`` applies dtrain's performance settings (threads, tr
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -49,16 +50,11 @@ def main() -> None:
     b = args.global_batch
     lo, hi = rank_slice(b, world, rank)
     row_ids = np.arange(args.rows, dtype=np.int64)
-    starts = range(0, args.rows - b + 1, b)
-    it = iter(starts)
+    starts = itertools.cycle(range(0, args.rows - b + 1, b))
     global_step, total_steps, allreduce_s = 0, 2**62, 0.0
 
     def next_batch() -> Batch:
-        nonlocal it
-        i = next(it, None)
-        if i is None:
-            it = iter(starts)
-            i = next(it)
+        i = next(starts)
         return Batch(0, i // b, x[i + lo : i + hi], y[i + lo : i + hi], row_ids[i + lo : i + hi], b)
 
     def step() -> None:

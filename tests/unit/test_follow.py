@@ -112,6 +112,14 @@ def test_limited_plan_trains_exactly_the_rows_left(sizes: list[int], batch: int,
     assert limited(rest, None) is rest
 
 
+def test_limited_never_trains_the_tail_drop_last_leaves_out() -> None:
+    plan = EpochPlan((100,), 32, shuffle=False, drop_last=True)  # 3 steps, 96 rows; 4 dropped
+    assert plan.trained_rows == 96
+    assert limited(plan, 98) is plan  # more than the epoch trains: nothing to cut
+    cut = limited(plan, 90)
+    assert cut.num_steps == 3 and cut.trained_rows == 90
+
+
 def test_steps_for_samples() -> None:
     plan = EpochPlan((10, 10), 4)  # 5 steps of 4 rows per epoch
     assert steps_for_samples(plan, 3, None) == 15
