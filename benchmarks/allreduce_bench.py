@@ -1,4 +1,4 @@
-"""Gloo allreduce latency and bandwidth between ranks on this host, for the paper model of scaling.
+"""Allreduce latency and bandwidth between ranks on this host, for the paper model of scaling.
 
     horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python benchmarks/allreduce_bench.py [--json out.json]
 
@@ -8,8 +8,10 @@ Times an in-place sum of one float32 buffer of each size (1 element up to the gr
 * ``horovod``: Horovod's ``allreduce_`` with the settings dtrain gives Horovod when Horovod carries
   the gradients (``DTRAIN_ALLREDUCE=horovod``: threads per rank, ``HOROVOD_CYCLE_TIME`` 0.1 ms unless
   set); it includes Horovod's negotiation between ranks and its background thread's cycle;
-* ``torch``: ``torch.distributed.all_reduce`` on a Gloo process group (what DDP calls, and what
-  dtrain uses on one host), no negotiation;
+* ``torch``: ``torch.distributed.all_reduce`` on a Gloo process group (what DDP calls, and dtrain's
+  transport on one host where shared memory cannot serve), no negotiation;
+* ``shm``: ``dtrain.shm`` (dtrain's transport on one host): buffers allocated in shared memory,
+  summed shard by shard with no socket;
 * ``grouped``: Horovod's ``grouped_allreduce_`` on the gradient *list* of each model (one tensor
   per parameter, fused by Horovod into its fusion buffer), dtrain's path before it packed one buffer.
 
@@ -20,8 +22,8 @@ bandwidth``) from the flat-buffer medians (``ring_fit``). Rank 0 prints a table 
 
 (no horovodrun) is the paper model of docs/performance.md: it times one rank's step on one thread at
 two batch sizes for each model (``t_step(b) = t0 + c b``: fixed cost ``t0``, optimizer included, and
-compute per row ``c``), reads the measured latency and bandwidth of ``--path`` (default ``torch``,
-dtrain's transport on one host) and projects samples/s for 1 to 64 ranks, one core each, with no
+compute per row ``c``), reads the measured latency and bandwidth of ``--path`` (default ``torch``:
+Gloo over loopback stands in for a network; ``shm`` is what one host does) and projects samples/s for 1 to 64 ranks, one core each, with no
 overlap of compute and communication (dtrain's step): ``T(n) = t0 + c ceil(B/n) + t_allreduce(n)``,
 for a fixed global batch (``B`` = 128, dtrain's default mode) and for 64 rows per rank (``B`` = 64 n).
 """
@@ -172,7 +174,8 @@ def main() -> None:
                     help="no collectives: project scaling from this bench's JSON (or --latency-us and --gbps)")
     ap.add_argument("--latency-us", type=float, help="--project: per-hop latency of another network (us)")
     ap.add_argument("--gbps", type=float, help="--project: link bandwidth of another network (Gbit/s)")
-    ap.add_argument("--path", choices=("torch", "horovod"), default="torch", help="--project: which transport")
+    ap.add_argument("--path", choices=("torch", "horovod", "shm"), default="torch",
+                    help="--project: which transport")
     args = ap.parse_args()
     if args.project is not None:
         main_project(args.project or None, args.path, args.latency_us, args.gbps)
@@ -196,14 +199,19 @@ def main() -> None:
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                              timeout=datetime.timedelta(seconds=60))
 
+    from dtrain import shm
+
+    group = shm.ShmGroup(rank, world, dist.broadcast_object(os.urandom(6).hex(), name="token"),
+                         exchange=lambda obj: dist.allgather_object(obj, name="shm"))
     sizes = sorted({1, 256, 4096, 65536, 262144, 1 << 20, model_numel("small"), model_numel("large"), 1 << 23})
     rows = []
     for n in sizes:
-        a, b = torch.ones(n), torch.ones(n)
+        a, b, c = torch.ones(n), torch.ones(n), group.alloc(n)
         t = timed({"horovod": lambda a=a: hvd.allreduce_(a, op=hvd.Sum, name=f"flat{a.numel()}"),
-                   "torch": lambda b=b: tdist.all_reduce(b)}, args.min_reps, args.min_seconds)
+                   "torch": lambda b=b: tdist.all_reduce(b),
+                   "shm": lambda c=c: group.allreduce_(c, f"flat{c.numel()}")}, args.min_reps, args.min_seconds)
         rows.append({"numel": n, "bytes": 4 * n, "horovod_s": statistics.median(t["horovod"]),
-                     "torch_s": statistics.median(t["torch"])})
+                     "torch_s": statistics.median(t["torch"]), "shm_s": statistics.median(t["shm"])})
     grouped = {}
     for name, shapes in MODEL_SHAPES.items():
         tensors = [torch.ones(s) for s in shapes]
@@ -214,14 +222,16 @@ def main() -> None:
         grouped[name] = {"tensors": len(tensors), "bytes": 4 * model_numel(name),
                          "horovod_grouped_s": statistics.median(t["grouped"]),
                          "horovod_flat_s": statistics.median(t["flat"])}
-    fits = {path: ring_fit(rows, f"{path}_s", world) for path in ("horovod", "torch")}
+    fits = {path: ring_fit(rows, f"{path}_s", world) for path in ("horovod", "torch", "shm")}
+    group.close()
     tdist.destroy_process_group()
     if rank == 0:
         print(f"allreduce (sum, float32), {world} ranks on one host, median seconds per call; "
               f"HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')}, torch threads {torch.get_num_threads()}")
-        print(f"{'bytes':>12} {'horovod ms':>11} {'torch gloo ms':>14}")
+        print(f"{'bytes':>12} {'horovod ms':>11} {'torch gloo ms':>14} {'dtrain shm ms':>14}")
         for r in rows:
-            print(f"{r['bytes']:>12} {1e3 * r['horovod_s']:>11.3f} {1e3 * r['torch_s']:>14.3f}")
+            print(f"{r['bytes']:>12} {1e3 * r['horovod_s']:>11.3f} {1e3 * r['torch_s']:>14.3f} "
+                  f"{1e3 * r['shm_s']:>14.3f}")
         for name, g in grouped.items():
             print(f"{name} model gradients ({g['bytes']} B) through Horovod: {g['tensors']} tensors grouped "
                   f"{1e3 * g['horovod_grouped_s']:.3f} ms, one flat tensor {1e3 * g['horovod_flat_s']:.3f} ms")

@@ -77,7 +77,7 @@ def main() -> None:
 
     rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
     report("dtrain_step", args, rates, world, rank,
-           transport="torch" if getattr(dist, "_group", None) is not None else ("horovod" if world > 1 else "none"),
+           transport=dist.transport(),
            allreduce_ms_per_step=1e3 * allreduce_s / max(global_step, 1))
     dist.shutdown()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrain import dist
+from dtrain import dist, shm
 from dtrain.config import UserError
 
 pytestmark = pytest.mark.unit
@@ -34,25 +34,46 @@ def test_tiled_base_refuses_anything_but_an_exact_in_order_tiling():
     assert dist._tiled_base([flat[:2], flat[3:]]) is None  # a gap
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, "horovod"),  # not under horovodrun
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1"}, "torch"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2"}, "horovod"),  # several hosts: auto stays on Horovod
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2", "DTRAIN_ALLREDUCE": "torch"}, "torch"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1", "DTRAIN_ALLREDUCE": "horovod"}, "horovod"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1", "HOROVOD_AUTOTUNE": "1"}, "horovod"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1", "HOROVOD_AUTOTUNE": "0"}, "torch"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1", "HOROVOD_TIMELINE": "/tmp/t.json"}, "horovod"),
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1", "HOROVOD_ELASTIC": "1"}, "horovod"),
+ONE_HOST = {"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1"}
+
+
+@pytest.mark.parametrize(("env", "shm_supported", "expected"), [
+    ({}, True, "horovod"),  # not under horovodrun
+    (ONE_HOST, True, "shm"),
+    (ONE_HOST, False, "torch"),  # not x86-64 Linux: Gloo
+    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2"}, True, "horovod"),  # several hosts: auto stays on Horovod
+    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2", "DTRAIN_ALLREDUCE": "torch"}, True, "torch"),
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "torch"}, True, "torch"),
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "shm"}, True, "shm"),
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "horovod"}, True, "horovod"),
+    ({**ONE_HOST, "HOROVOD_AUTOTUNE": "1"}, True, "horovod"),
+    ({**ONE_HOST, "HOROVOD_AUTOTUNE": "0"}, True, "shm"),
+    ({**ONE_HOST, "HOROVOD_TIMELINE": "/tmp/t.json"}, True, "horovod"),
+    ({**ONE_HOST, "HOROVOD_ELASTIC": "1"}, True, "horovod"),
 ])
-def test_gradient_transport_choice(monkeypatch, env, expected):
+def test_gradient_transport_choice(monkeypatch, env, shm_supported, expected):
+    _transport_env(monkeypatch, env, shm_supported)
+    assert dist.gradient_transport() == expected
+
+
+@pytest.mark.parametrize(("env", "shm_supported"), [
+    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2", "DTRAIN_ALLREDUCE": "shm"}, True),  # several hosts
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "shm"}, False),
+])
+def test_shared_memory_asked_for_where_it_cannot_serve(monkeypatch, env, shm_supported):
+    _transport_env(monkeypatch, env, shm_supported)
+    with pytest.raises(UserError, match="DTRAIN_ALLREDUCE=shm needs every rank on one x86-64 Linux host"):
+        dist.gradient_transport()
+
+
+def _transport_env(monkeypatch, env, shm_supported):
     for k in ("HOROVOD_RANK", "HOROVOD_CROSS_SIZE", "DTRAIN_ALLREDUCE", "HOROVOD_AUTOTUNE", "HOROVOD_TIMELINE",
               "HOROVOD_ELASTIC"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert dist.gradient_transport() == expected
+    monkeypatch.setattr(shm, "supported", lambda: shm_supported)
 
 
 def test_gradient_transport_rejects_unknown_values(monkeypatch):
@@ -74,3 +95,4 @@ def test_peer_failure_recognises_a_gloo_peer_gone():
     assert dist.peer_failure(gone)
     assert not dist.peer_failure(RuntimeError("shape mismatch"))
     assert not dist.peer_failure(ValueError("Connection closed by peer"))  # only as Gloo raises it
+    assert dist.peer_failure(RuntimeError(f"rank 1 (pid 4242) stopped: {shm.PEER_GONE}"))

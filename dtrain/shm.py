@@ -1,0 +1,297 @@
+"""Allreduce among the ranks of one host through shared memory: the gradients never touch a socket.
+
+Ranks on one host that sum their gradients over Gloo send them through the loopback TCP stack, each
+byte copied through the kernel twice per hop. Here every rank's buffer lives in a shared-memory file
+that the other ranks map, and an allreduce is two barriers apart:
+
+1. every rank marks its buffer ready, and waits for the others;
+2. rank ``r`` sums shard ``r`` of every rank's buffer, in rank order, into its own result area (a
+   reduce-scatter with no copy in); it marks the shard done, and waits for the others;
+3. every rank copies each rank's summed shard into its own buffer (the allgather).
+
+Every shard is summed once, by one rank, so the ranks end with identical bits. On 2 cores (376 kB of
+gradients) this measured 0.27 ms against 0.77 ms for Gloo's allreduce, and 3.4 ms against 27 ms for
+17.7 MB (benchmarks/allreduce_bench.py measures both). The same design runs intra-node CPU allreduce in
+oneCCL and DeepSpeed; neither ships for this torch as a library a trainer can depend on.
+
+Why it is safe to return after step 3 without a third barrier: a rank changes its buffer (the next
+backward) only after its call returned, which was after every rank had passed the second barrier,
+i.e. had finished reading it; and a rank writes its result area again only after every rank has
+marked the *next* call ready, i.e. has finished copying from it.
+
+Flags are 8-byte integers, each written by its owner only, and read by the others with plain loads:
+x86-64's ordering of stores (TSO) makes a flag visible after the data written before it, which is
+why ``supported()`` is true only there. A waiting rank spins for a moment, then yields its core (the
+other rank, or the Dask worker on a small machine, may need it), then sleeps; it checks every second
+that its peers' processes are alive, so a crashed peer gives an error, not a hang.
+
+A buffer becomes shared in two ways: allocated here (``alloc``; dtrain's gradient buffer is, so the
+reduction reads it where autograd wrote it), or copied into a staging file of this module's own (any
+other tensor). Files are unlinked as soon as every rank has mapped them: nothing is left in
+``/dev/shm`` after a crash, except a buffer allocated and never reduced, which exit removes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HEADER = 4096  # bytes before the data: this rank's flag, its pid, a magic number; page-aligned data
+MAGIC = 0x64747261696E  # "dtrain": a mapped file that does not hold it is not ours
+_FLAG, _PID, _MAGIC = 0, 1, 2  # int64 slots in the header
+SPIN_SECONDS = 50e-6  # wait by spinning this long (a peer in lockstep arrives within microseconds) ...
+YIELD_SECONDS = 2e-3  # ... then by yielding the core until this long ...
+SLEEP_SECONDS = 100e-6  # ... then by sleeping this long between looks
+LIVENESS_SECONDS = 1.0  # how often a long wait checks that the peers' processes are alive
+PEER_GONE = "shared-memory peer is gone"  # in the error a dead peer causes (dist.peer_failure looks for it)
+
+
+class Unavailable(OSError):
+    """A rank could not make its shared file (e.g. a full ``/dev/shm``); raised on every rank alike."""
+
+
+def supported() -> bool:
+    """Whether this host can run the shared-memory allreduce: Linux on x86-64 (see the module's docstring)."""
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def default_directory() -> str:
+    """``/dev/shm`` (memory) where it exists, else the temporary directory (the page cache, still no socket)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else "/tmp"
+
+
+class Segment:
+    """One rank's shared file: a header, then ``numel`` elements of data, then ``result`` elements."""
+
+    def __init__(self, path: str, numel: int, result: int, dtype: torch.dtype, create: bool):
+        self.path, self.numel, self.dtype = path, numel, dtype
+        item = torch.empty(0, dtype=dtype).element_size()
+        nbytes = HEADER + (numel + result) * item
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                # Reserve the pages now: on a full tmpfs a later write would be a SIGBUS, this is an OSError.
+                os.posix_fallocate(fd, 0, nbytes)
+            elif os.fstat(fd).st_size != nbytes:
+                raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, expected {nbytes}")
+            self._mmap = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.header = memoryview(self._mmap)[:HEADER].cast("q")
+        if create:
+            self.header[_PID] = os.getpid()
+            self.header[_MAGIC] = MAGIC
+        elif self.header[_MAGIC] != MAGIC:
+            raise ValueError(f"{path} is not a dtrain shared buffer")
+        self.data = torch.frombuffer(self._mmap, dtype=dtype, count=numel, offset=HEADER) if numel else \
+            torch.empty(0, dtype=dtype)
+        self.result = torch.frombuffer(self._mmap, dtype=dtype, count=result, offset=HEADER + numel * item) \
+            if result else torch.empty(0, dtype=dtype)
+
+    @property
+    def pid(self) -> int:
+        return int(self.header[_PID])
+
+    def close(self) -> None:
+        # The tensors over the mapping go first: a mapping with live buffer exports cannot be closed.
+        del self.data, self.result
+        self.header.release()
+        # A view of the data may still be alive (a parameter's .grad): the mapping then goes with it.
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
+
+
+def shards(numel: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's shard of ``numel`` elements: contiguous, sizes differ by at most one."""
+    return [(numel * r // size, numel * (r + 1) // size) for r in range(size)]
+
+
+@dataclass
+class _Channel:
+    """The shared files of one buffer on every rank, and the views one call needs, made once."""
+
+    mine: Segment
+    peers: list[Segment]  # by rank; ``peers[rank] is mine``
+    calls: int = 0
+
+    def views(self, rank: int, size: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        bounds = shards(self.mine.numel, size)
+        lo, hi = bounds[rank]
+        inputs = [seg.data[lo:hi] for seg in self.peers]  # shard ``rank`` of every rank's buffer
+        out = self.mine.result[: hi - lo]
+        summed = [seg.result[: b - a] for seg, (a, b) in zip(self.peers, bounds, strict=True)]
+        return inputs, out, summed
+
+
+class ShmGroup:
+    """The ranks of one host, summing tensors through shared memory (see the module's docstring).
+
+    ``exchange(obj)`` must be a collective that returns every rank's ``obj`` in rank order (an
+    allgather); it is called when a buffer is first reduced, and again once every rank has mapped the
+    others' files (so that each can unlink its own). ``token`` names this job's files (the same on
+    every rank, different for every job on the host).
+    """
+
+    def __init__(self, rank: int, size: int, token: str, exchange: Callable[[Any], list[Any]],
+                 directory: str | None = None, timeout: float = 1800.0):
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} outside a world of {size}")
+        self.rank, self.size, self.token, self.timeout = rank, size, token, timeout
+        self._exchange = exchange
+        self._directory = directory or default_directory()
+        self._names = itertools.count()
+        self._owned: dict[int, Segment] = {}  # data_ptr -> a segment of ``alloc``, not yet reduced
+        self._channels: dict[str, _Channel] = {}
+        self._views: dict[str, tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]] = {}
+        atexit.register(self.close)
+
+    # -- buffers --------------------------------------------------------------------------------------
+
+    def _segment(self, numel: int, dtype: torch.dtype) -> Segment:
+        path = os.path.join(self._directory, f"dtrain-{self.token}-{self.rank}-{next(self._names)}")
+        bounds = shards(numel, self.size)
+        return Segment(path, numel, max(b - a for a, b in bounds), dtype, create=True)
+
+    def alloc(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A zeroed 1-D tensor in a shared file of this rank's: reducing it later needs no copy in.
+
+        Local (no collective). Falls back to ordinary memory when the file cannot be made (a full
+        ``/dev/shm``): the reduction then copies it into a staging file.
+        """
+        try:
+            seg = self._segment(numel, dtype)
+        except OSError as e:
+            log.debug("shared buffer of %d elements not possible (%s): ordinary memory", numel, e)
+            return torch.zeros(numel, dtype=dtype)
+        self._owned[seg.data.data_ptr()] = seg
+        return seg.data  # fallocate's pages read as zeros
+
+    def _channel(self, key: str, buf: torch.Tensor) -> _Channel:
+        """The channel ``key`` reduces ``buf`` through, set up collectively on first use (or a new size)."""
+        channel = self._channels.get(key)
+        if channel is not None and channel.mine.numel == buf.numel() and channel.mine.dtype == buf.dtype:
+            return channel
+        if channel is not None:
+            self._drop(key)
+        mine = self._owned.pop(buf.data_ptr(), None) if buf.is_contiguous() else None
+        if mine is not None and mine.numel != buf.numel():
+            self._owned[buf.data_ptr()] = mine  # a slice of an allocated buffer: stage it
+            mine = None
+        error = None
+        if mine is None:
+            try:
+                mine = self._segment(buf.numel(), buf.dtype)
+            except OSError as e:
+                error = f"rank {self.rank}: cannot create a shared file in {self._directory} ({e})"
+        described = self._exchange((mine.path if mine else None, buf.numel(), str(buf.dtype), error))
+        errors = [d[3] for d in described if d[3]]
+        if errors:
+            if mine is not None:
+                os.unlink(mine.path)
+            raise Unavailable(errors[0])
+        assert mine is not None
+        if any((n, dt) != (buf.numel(), str(buf.dtype)) for _, n, dt, _ in described):
+            raise ValueError(f"ranks reduce different tensors under {key!r}: {[(n, dt) for _, n, dt, _ in described]}")
+        peers = [mine if r == self.rank else Segment(path, mine.numel, mine.result.numel(), mine.dtype, create=False)
+                 for r, (path, *_rest) in enumerate(described)]
+        self._exchange(None)  # every rank has mapped every file: the names can go
+        os.unlink(mine.path)
+        channel = self._channels[key] = _Channel(mine, peers)
+        self._views[key] = channel.views(self.rank, self.size)
+        return channel
+
+    # -- the collective -------------------------------------------------------------------------------
+
+    def allreduce_(self, buf: torch.Tensor, key: str) -> None:
+        """Sum ``buf`` in place across the ranks. Collective: every rank calls it, in the same order."""
+        if self.size == 1 or buf.numel() == 0:
+            return
+        channel = self._channel(key, buf)
+        inputs, out, summed = self._views[key]
+        staged = buf.data_ptr() != channel.mine.data.data_ptr()
+        if staged:
+            channel.mine.data.copy_(buf.reshape(-1))
+        channel.calls += 1
+        ready, done = 2 * channel.calls - 1, 2 * channel.calls
+        mine, peers = channel.mine, channel.peers
+
+        mine.header[_FLAG] = ready
+        self._wait(peers, ready)
+        if out.numel():
+            torch.add(inputs[0], inputs[1], out=out)
+            for extra in inputs[2:]:
+                out.add_(extra)
+        mine.header[_FLAG] = done
+        self._wait(peers, done)
+        flat = buf.view(-1) if buf.is_contiguous() else mine.data
+        offset = 0
+        for shard in summed:
+            flat[offset : offset + shard.numel()].copy_(shard)
+            offset += shard.numel()
+        if not buf.is_contiguous():
+            buf.copy_(mine.data.view(buf.shape))
+
+    def _wait(self, peers: list[Segment], target: int) -> None:
+        """Until every peer's flag reaches ``target``: spin, then yield the core, then sleep."""
+        start = time.perf_counter()
+        checked = start
+        for seg in peers:
+            header = seg.header
+            looks = 0
+            while header[_FLAG] < target:
+                looks += 1
+                if looks & 63:
+                    continue
+                now = time.perf_counter()
+                waited = now - start
+                if waited < SPIN_SECONDS:
+                    continue
+                if waited < YIELD_SECONDS:
+                    os.sched_yield()
+                    continue
+                time.sleep(SLEEP_SECONDS)
+                if now - checked > LIVENESS_SECONDS:
+                    checked = now
+                    self._check_alive(peers, waited)
+
+    def _check_alive(self, peers: list[Segment], waited: float) -> None:
+        for r, seg in enumerate(peers):
+            try:
+                os.kill(seg.pid, 0)
+            except ProcessLookupError:
+                raise RuntimeError(f"rank {r} (pid {seg.pid}) stopped: {PEER_GONE}") from None
+            except PermissionError:  # alive, someone else's (a pid namespace apart): nothing to learn
+                pass
+        if waited > self.timeout:
+            raise RuntimeError(f"ranks waited {waited:.0f} s for each other in a shared-memory allreduce")
+
+    # -- teardown -------------------------------------------------------------------------------------
+
+    def _drop(self, key: str) -> None:
+        channel = self._channels.pop(key)
+        self._views.pop(key, None)
+        for seg in channel.peers:
+            seg.close()
+
+    def close(self) -> None:
+        """Unmap everything, and remove the files of buffers allocated but never reduced."""
+        for key in list(self._channels):
+            self._drop(key)
+        for seg in self._owned.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.path)
+        self._owned.clear()
+        atexit.unregister(self.close)
