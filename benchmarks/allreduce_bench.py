@@ -23,9 +23,10 @@ bandwidth``) from the flat-buffer medians (``ring_fit``). Rank 0 prints a table 
 (no horovodrun) is the paper model of docs/performance.md: it times one rank's step on one thread at
 two batch sizes for each model (``t_step(b) = t0 + c b``: fixed cost ``t0``, optimizer included, and
 compute per row ``c``), reads the measured latency and bandwidth of ``--path`` (default ``torch``:
-Gloo over loopback stands in for a network; ``shm`` is what one host does) and projects samples/s for 1 to 64 ranks, one core each, with no
-overlap of compute and communication (dtrain's step): ``T(n) = t0 + c ceil(B/n) + t_allreduce(n)``,
-for a fixed global batch (``B`` = 128, dtrain's default mode) and for 64 rows per rank (``B`` = 64 n).
+Gloo over loopback stands in for a network; ``shm`` is what one host does) and projects samples/s for
+1 to 64 ranks, one core each, with no overlap of compute and communication (dtrain's step):
+``T(n) = t0 + c ceil(B/n) + t_allreduce(n)``, for a fixed global batch (``B`` = 128, dtrain's default
+mode) and for 64 rows per rank (``B`` = 64 n).
 """
 
 from __future__ import annotations

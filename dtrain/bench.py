@@ -15,7 +15,9 @@ Benchmarks (targets in brackets; a ratio is dtrain's median samples/s over the o
   128: dtrain's step under horovodrun, torchrun DDP over Gloo (``peers/ddp.py``), the plain Horovod
   pattern of its docs (``peers/horovod_plain.py``: ``DistributedSampler`` + ``DataLoader`` +
   ``hvd.DistributedOptimizer``, untuned), the same tuned (``OMP_NUM_THREADS=1 HOROVOD_CYCLE_TIME=0.1``)
-  and with its example's ``torch.set_num_threads(1)``; and ``horovodrun ... python -m dtrain`` end to end.
+  and with its example's ``torch.set_num_threads(1)``; dtrain's step with Gloo carrying the gradients
+  instead of shared memory (``DTRAIN_ALLREDUCE=torch``: what the transport is worth); and
+  ``horovodrun ... python -m dtrain`` end to end.
 * **B3 ceiling** [dtrain step, 2 ranks / one bare process on all cores >= 0.8]: the same global batch.
 * **B4 input streaming**, **B5 checkpoint**, **B6 elastic recovery**: ``benchmarks/stream_bench.py``,
   ``benchmarks/checkpoint_bench.py`` and ``benchmarks/elastic_bench.py`` run as they are, their JSON
@@ -26,8 +28,8 @@ Every comparison runs on two models: ``small`` (100-256-256-10, latency-bound) a
 times several windows of about a second after a warm-up; a run's figure is the median of its windows.
 Runs are repeated ``--repeats`` times with the contenders' order rotated each time, so a burst of load
 from other processes falls on all of them alike; the table shows the median over runs, the best run
-and the 1-minute load average seen. The shell's ``OMP_NUM_THREADS`` and ``HOROVOD_*`` tuning variables
-are removed from every contender's environment (``--dtrain-env`` sets some for dtrain's contenders).
+and the 1-minute load average seen. The shell's ``OMP_NUM_THREADS``, ``HOROVOD_*`` and ``DTRAIN_ALLREDUCE``
+tuning variables are removed from every contender's environment (``--dtrain-env`` sets some for dtrain's contenders).
 
 Prints a table per comparison and whether each target is met; ``--json`` writes everything. A
 benchmark prints numbers, it never fails on them: the exit status is 0 unless a contender crashed.
@@ -69,7 +71,7 @@ MODELS = {"small": "100-256-256-10", "large": "100-2048-2048-10"}
 # Variables that tune threads or Horovod: removed from every contender's environment unless it sets them.
 TUNING_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD",
                "HOROVOD_AUTOTUNE", "HOROVOD_AUTOTUNE_LOG", "HOROVOD_TIMELINE", "HOROVOD_TIMELINE_MARK_CYCLES",
-               "HOROVOD_CACHE_CAPACITY")
+               "HOROVOD_CACHE_CAPACITY", "DTRAIN_ALLREDUCE")
 TUNED_HOROVOD = {"OMP_NUM_THREADS": "1", "HOROVOD_CYCLE_TIME": "0.1"}
 
 
@@ -373,8 +375,10 @@ def contenders(bench: str, model: str, o: Options) -> tuple[list[Contender], str
         specs = [RatioSpec("dtrain step", "ddp", 1.0), RatioSpec("dtrain step", "horovod plain", 1.0),
                  RatioSpec("dtrain step", "horovod tuned")]
         if not o.quick:
-            cs.append(example)
-            specs.append(RatioSpec("dtrain step", "horovod example"))
+            # dtrain with Gloo carrying the gradients instead of shared memory: what the transport is worth.
+            gloo = Contender("dtrain step gloo", dtrain_step_2.cmd, {**o.dtrain_env, "DTRAIN_ALLREDUCE": "torch"})
+            cs += [example, gloo]
+            specs += [RatioSpec("dtrain step", "horovod example"), RatioSpec("dtrain step gloo", "ddp")]
         cs.append(_e2e(o, "dtrain e2e", model, 2))
         specs += [RatioSpec("dtrain e2e", "ddp"), RatioSpec("dtrain e2e", "dtrain step")]
         return cs, "ddp", specs

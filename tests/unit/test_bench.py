@@ -148,7 +148,9 @@ def test_contenders_of_each_comparison(tmp_path):
     assert "--model" in by_name["ddp"].cmd and "large" in by_name["ddp"].cmd
     full = bench.Options(repeats=3, quick=False, global_batch=128, models=["small"], dtrain_env={},
                          workdir=str(tmp_path), horovodrun="horovodrun")
-    assert "horovod example" in {c.name for c in bench.contenders("B2", "small", full)[0]}
+    full_cs = {c.name: c for c in bench.contenders("B2", "small", full)[0]}
+    assert "horovod example" in full_cs
+    assert full_cs["dtrain step gloo"].env == {"DTRAIN_ALLREDUCE": "torch"}  # the transport's worth, beside it
     cs1, _, specs1 = bench.contenders("B1", "small", o)
     assert [c.name for c in cs1] == ["bare", "dtrain step", "dtrain e2e"]
     assert "horovodrun" not in cs1[1].cmd
