@@ -65,6 +65,8 @@ CPU_CYCLE_TIME_MS = "0.1"  # Horovod carries the gradients: its cycle is on ever
 CONTROL_CYCLE_TIME_MS = "10"  # Horovod carries only rare control messages: keep its idle polling cheap
 TRANSPORT_ENV = "DTRAIN_ALLREDUCE"
 TRANSPORTS = ("auto", "shm", "torch", "horovod")
+TRANSPORT_NAMES = {"none": "nothing (one process)", "shm": "shared memory", "torch": "torch.distributed Gloo",
+                   "horovod": "Horovod"}
 # Allowed for a peer to reach a collective, e.g. while it waits for its data: as torch's own default.
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -146,9 +148,10 @@ def init() -> None:
         if chosen == "shm" and hvd.size() > 1:
             _shm = _shm_group()
     _initialized = True
-    configure_threads()
-    log.debug("rank %d of %d (local %d of %d), gradients over %s", rank(), size(), local_rank(), local_size(),
-              transport())
+    threads = configure_threads()
+    if is_distributed() and is_main():
+        log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s", size(), local_size(),
+                 threads, TRANSPORT_NAMES[transport()])
 
 
 def _shm_group() -> Any:
