@@ -216,8 +216,8 @@ class Stream:
         their rows wait on the worker, not here, so this process still holds at most ``prefetch`` steps.
         Bounded in bytes, so that the cluster keeps little for each rank, and large requests (whose
         latency is already small next to their transfer) send none ahead. Measured on 2 cores
-        (benchmarks/stream_bench.py, 400k rows): 1.7x the samples/s at ``prefetch`` 8 and 1.3x at 64
-        with 2 sent ahead; 6 were no faster than 2.
+        (benchmarks/stream_bench.py, 400k rows, old and new alternated, medians of 4): 1.28x the
+        samples/s at ``prefetch`` 8, 1.14x at 64, 1.37x at 256 with 2 sent ahead; 6 were no faster than 2.
         """
         rows = self.chunk * -(-plan.global_batch_size // self.world_size)
         return min(SENT_AHEAD, SENT_AHEAD_BYTES // max(1, rows * (4 * self.num_features + 16)))
