@@ -11,7 +11,9 @@ Data-parallel in three marked places (the rest is a plain PyTorch loop):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -19,7 +21,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +122,18 @@ def loss_sum(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def correct(task: str, out: torch.Tensor, y: torch.Tensor) -> float:
     if task != "classification" or len(y) == 0:
         return 0.0
-    return float((out.argmax(dim=1) == y).sum())
+    # count_nonzero, not a sum of the booleans (which promotes to int64 first): the same count, and a
+    # few microseconds less of a small model's ~1 ms step
+    return float(out.argmax(dim=1).eq(y).count_nonzero())
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_gradient(denominator: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # The gradient of ``loss / denominator`` with respect to ``loss``, computed by the very operation
+    # the division's backward would run (``1 / denominator`` in ``dtype``), so the gradients are bit
+    # for bit those of ``(loss / denominator).backward()``. Cached: most steps share one denominator.
+    # autograd only reads it.
+    return torch.ones((), dtype=dtype, device=device) / denominator
 
 
 def forward_backward(model: nn.Module, batch: Batch, task: str, micro_batches: int, denominator: int,
@@ -129,14 +142,22 @@ def forward_backward(model: nn.Module, batch: Batch, task: str, micro_batches: i
 
     Returns the loss *sum* and the number of correct predictions (made before the update). ``amp``: the
     device type to run the forward pass in bfloat16 autocast on (``--amp``), None for float32.
+
+    Written for a small model's step (~1 ms on CPU), where every avoidable operation shows: no
+    ``tensor_split`` of a batch taken whole, no autocast context when it would be disabled, and the
+    loss's backward seeded with ``1 / denominator`` instead of dividing the loss first (one operation
+    fewer forward and one fewer backward, the same gradients).
     """
     total, right = 0.0, 0.0
-    for x, y in zip(batch.x.tensor_split(micro_batches), batch.y.tensor_split(micro_batches), strict=True):
-        with torch.autocast(amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
+    pieces: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
+        zip(batch.x.tensor_split(micro_batches), batch.y.tensor_split(micro_batches), strict=True)
+        if micro_batches > 1 else ((batch.x, batch.y),))
+    for x, y in pieces:
+        with torch.autocast(amp, dtype=torch.bfloat16) if amp is not None else contextlib.nullcontext():
             out = model(x)
             loss = loss_sum(task, out.float(), y)
-        (loss / denominator).backward()
-        total += float(loss.detach())
+        loss.backward(_loss_gradient(denominator, loss.dtype, loss.device))
+        total += loss.item()
         right += correct(task, out, y)
     return total, right
 

@@ -1,0 +1,53 @@
+"""The training step's shortcuts compute exactly what the plain operations they replace would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain import models
+from dtrain.engine import forward_backward
+from dtrain.stream import Batch
+
+pytestmark = pytest.mark.unit
+
+
+def _reference(model: nn.Module, batch: Batch, task: str, micro_batches: int, denominator: int,
+               amp: str | None = None) -> tuple[float, float]:
+    """forward_backward as plainly written: split, autocast, divide the loss sum, backward, count with a sum."""
+    total, right = 0.0, 0.0
+    for x, y in zip(batch.x.tensor_split(micro_batches), batch.y.tensor_split(micro_batches), strict=True):
+        with torch.autocast(amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
+            out = model(x)
+            if task == "classification":
+                loss = F.cross_entropy(out.float(), y, reduction="sum")
+            else:
+                loss = F.mse_loss(out.float().squeeze(-1), y, reduction="sum")
+        if task == "classification" and len(y):
+            right += float((out.argmax(dim=1) == y).sum())
+        (loss / denominator).backward()
+        total += float(loss.detach())
+    return total, right
+
+
+@pytest.mark.parametrize("amp", [None, "cpu"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize(("rows", "micro_batches", "denominator"), [(128, 1, 128), (100, 1, 300), (37, 3, 111),
+                                                                     (2, 3, 7)])
+def test_forward_backward_gives_the_plain_losses_counts_and_gradients_bit_for_bit(task, rows, micro_batches,
+                                                                                   denominator, amp):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 12, generator=g)
+    y = torch.randint(0, 5, (rows,), generator=g) if task == "classification" else torch.randn(rows, generator=g)
+    batch = Batch(0, 0, x, y, np.arange(rows), denominator)
+    results, grads = [], []
+    for fn in (forward_backward, _reference):
+        torch.manual_seed(0)
+        model = models.mlp(12, 5 if task == "classification" else 1, [16, 16])
+        results.append(fn(model, batch, task, micro_batches, denominator, amp))
+        grads.append([p.grad for p in model.parameters()])
+    assert results[0] == results[1]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
