@@ -4,11 +4,11 @@
     horovodrun -np 2 -H localhost:2 --gloo python benchmarks/peers/dtrain_step.py --model small
 
 The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
-learning rate set per step, the per-step dropout seed (``torch.manual_seed``),
+learning rate set per step, the per-step dropout seed (``engine.seed_step``),
 ``optimizer.zero_grad(set_to_none=alone)``, ``engine.forward_backward`` (loss *sum* / global rows),
-the loss and counts added into ``counts``, the stop vote,
-``dist.allreduce_sum_(grads, uncompressed=[counts])`` (one collective), ``optimizer.step()``,
-``counts.tolist()``. Only the Dask stream is left out: each rank slices its part of every global
+the loss and counts added into ``counts`` (``engine.StepCounts``), the stop vote,
+``dist.allreduce_sum_(grads, uncompressed=[counts.tensor])`` (one collective), ``optimizer.step()``,
+``counts.take()``. Only the Dask stream is left out: each rank slices its part of every global
 batch (``plan.rank_slice``) from the same in-memory tensors, so this measures the training engine
 alone. ``dtrain.dist.init()`` applies dtrain's performance settings (threads, transport, cycle time).
 """
@@ -65,15 +65,14 @@ def main() -> None:
         seed_step(step_seed(seed, global_step, rank), device)
         optimizer.zero_grad(set_to_none=alone)
         loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows)
-        counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
-        counts[3] = 0.0  # the stop vote
+        counts.add(loss, right, batch.rows)
+        counts.vote(0.0)  # the stop vote
         t0 = time.perf_counter()
-        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
+        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
         allreduce_s += time.perf_counter() - t0
         optimizer.step()
         global_step += 1
-        _loss_sum, _right, _rows, _votes = counts.tolist()
-        counts.zero_()
+        _loss_sum, _right, _rows, _votes = counts.take()
 
     rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
     report("dtrain_step", args, rates, world, rank,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain import models
-from dtrain.engine import forward_backward
+from dtrain.engine import StepCounts, forward_backward
 from dtrain.stream import Batch
 
 pytestmark = pytest.mark.unit
@@ -51,3 +51,23 @@ def test_forward_backward_gives_the_plain_losses_counts_and_gradients_bit_for_bi
         grads.append([p.grad for p in model.parameters()])
     assert results[0] == results[1]
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_step_counts_keep_float32_sums_in_the_tensor_the_allreduce_carries():
+    buffer = torch.zeros(10)
+    tensor = buffer[6:]  # the tail of a gradient buffer, as gradient_buffers makes it
+    counts, plain = StepCounts(tensor), torch.zeros(4)
+    rng = np.random.default_rng(0)
+    adds = [(float(loss), float(right), int(rows)) for loss, right, rows in zip(
+        rng.lognormal(0, 8, 2000), rng.integers(0, 300, 2000), rng.integers(0, 300, 2000), strict=True)]
+    for loss, right, rows in [*adds, (0.1, 3.0, 128), (3e38, 0.0, 1), (3e38, 0.0, 1)]:  # ends in overflow, to inf
+        counts.add(loss, right, rows)
+        plain.add_(torch.tensor([loss, right, rows, 0.0]))
+        assert torch.equal(tensor, plain), (loss, right, rows)
+    counts.vote(1.0)
+    plain[3] = 1.0
+    assert torch.equal(tensor, plain) and tensor[0].isinf()  # written through to the tensor, float32 sums
+    assert not buffer[:6].any()
+    tensor.mul_(2)  # as an allreduce over two ranks would, in place
+    assert counts.take() == tuple(plain.mul(2).tolist())
+    assert not tensor.any() and counts.take() == (0.0, 0.0, 0.0, 0.0)
