@@ -506,6 +506,9 @@ def run(cfg: Config) -> dict[str, Any]:
         # --amp: the forward pass in bfloat16 autocast (no loss scaling needed, unlike float16); on CPU
         # too, where it pays off on cores with bfloat16 instructions (AVX512-BF16, AMX).
         amp = device.type if cfg.train.amp else None
+        # Seeding costs a few microseconds a step: skipped when the model draws no random numbers, as
+        # nothing else in the loop does (the data order comes from the plan).
+        random_forward = models.draws_random(model)
 
         def trainer_state() -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -659,7 +662,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     for g in optimizer.param_groups:
                         g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps,
                                                                        schedule_start)
-                    seed_step(step_seed(seed, state.global_step, rank), device)
+                    if random_forward:
+                        seed_step(step_seed(seed, state.global_step, rank), device)
                     optimizer.zero_grad(set_to_none=alone)
                     # (2) This rank's loss is a sum over its rows divided by the rows its gradient stands
                     # for: the whole global batch when gradients are summed across ranks, its own rows

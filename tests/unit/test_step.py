@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain import models
+from dtrain.config import ModelConfig
 from dtrain.engine import StepCounts, forward_backward
 from dtrain.stream import Batch
 
@@ -71,3 +72,16 @@ def test_step_counts_keep_float32_sums_in_the_tensor_the_allreduce_carries():
     tensor.mul_(2)  # as an allreduce over two ranks would, in place
     assert counts.take() == tuple(plain.mul(2).tolist())
     assert not tensor.any() and counts.take() == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_only_models_made_of_known_layers_count_as_drawing_no_random_numbers():
+    assert not models.draws_random(models.mlp(4, 2, [8]))
+    assert models.draws_random(models.mlp(4, 2, [8], dropout=0.1))
+    assert not models.draws_random(models.build(ModelConfig(model="cnn"), 16, 3))
+    assert not models.draws_random(models.build(ModelConfig(model="linear"), 4, 1))
+
+    class Own(nn.Linear):  # a forward of its own: unknown
+        pass
+
+    assert models.draws_random(nn.Sequential(Own(4, 2)))
+    assert models.draws_random(nn.Sequential(nn.Linear(4, 2), nn.GELU()))
