@@ -60,3 +60,19 @@ def build(cfg: ModelConfig, inputs: int, outputs: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UserError(f"--model: {cfg.model} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# Modules whose own forward draws no random numbers. Exact classes: a subclass may override forward.
+_NO_RANDOMNESS: frozenset[type[nn.Module]] = frozenset({
+    nn.Sequential, nn.Linear, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, SmallCNN,
+})
+
+
+def draws_random(model: nn.Module) -> bool:
+    """Whether ``model``'s training forward may draw random numbers (dropout, or anything unknown).
+
+    False only when it is made of modules known to draw none, as ``mlp`` without dropout, ``linear``
+    and ``cnn`` are: then there is no randomness for the training loop to seed. Any other module (a
+    dropout layer, a model of one's own from ``module:factory``) counts as random.
+    """
+    return any(type(m) not in _NO_RANDOMNESS for m in model.modules())

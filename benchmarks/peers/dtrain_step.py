@@ -4,13 +4,14 @@
     horovodrun -np 2 -H localhost:2 --gloo python benchmarks/peers/dtrain_step.py --model small
 
 The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
-learning rate set per step, the per-step dropout seed (``torch.manual_seed``),
-``optimizer.zero_grad(set_to_none=alone)``, ``engine.forward_backward`` (loss *sum* / global rows),
-the loss and counts added into ``counts``, the stop vote,
-``dist.allreduce_sum_(grads, uncompressed=[counts])`` (one collective), ``optimizer.step()``,
-``counts.tolist()``. Only the Dask stream is left out: each rank slices its part of every global
-batch (``plan.rank_slice``) from the same in-memory tensors, so this measures the training engine
-alone. ``dtrain.dist.init()`` applies dtrain's performance settings (threads, transport, cycle time).
+learning rate set per step, the per-step dropout seed (``engine.seed_step``, for a model that draws
+random numbers: ``models.draws_random``), ``optimizer.zero_grad(set_to_none=alone)``,
+``engine.forward_backward`` (loss *sum* / global rows), the loss and counts added into ``counts``
+(``engine.StepCounts``), the stop vote, ``dist.allreduce_sum_(grads, uncompressed=[counts.tensor])``
+(one collective), ``optimizer.step()``, ``counts.take()``. Only the Dask stream is left out: each
+rank slices its part of every global batch (``plan.rank_slice``) from the same in-memory tensors, so
+this measures the training engine alone. ``dtrain.dist.init()`` applies dtrain's performance
+settings (threads, transport, cycle time).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from _harness import MODELS, measure, parser, report, synthetic
 from dtrain import dist
 from dtrain.config import Config, ModelConfig, OptimConfig
 from dtrain.engine import forward_backward, gradient_buffers, lr_factor, make_optimizer, seed_step, step_seed
-from dtrain.models import mlp
+from dtrain.models import draws_random, mlp
 from dtrain.plan import rank_slice
 from dtrain.stream import Batch
 
@@ -45,6 +46,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     alone = not dist.is_distributed()
     grads, counts = gradient_buffers(params, device, alone)
+    random_forward = draws_random(model)
 
     x, y = synthetic(args.rows, args.model, seed)
     b = args.global_batch
@@ -62,18 +64,18 @@ def main() -> None:
         batch = next_batch()
         for g in optimizer.param_groups:
             g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
-        seed_step(step_seed(seed, global_step, rank), device)
+        if random_forward:
+            seed_step(step_seed(seed, global_step, rank), device)
         optimizer.zero_grad(set_to_none=alone)
         loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows)
-        counts.add_(torch.tensor([loss, right, batch.rows, 0.0], device=device))
-        counts[3] = 0.0  # the stop vote
+        counts.add(loss, right, batch.rows)
+        counts.vote(0.0)  # the stop vote
         t0 = time.perf_counter()
-        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts])
+        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
         allreduce_s += time.perf_counter() - t0
         optimizer.step()
         global_step += 1
-        _loss_sum, _right, _rows, _votes = counts.tolist()
-        counts.zero_()
+        _loss_sum, _right, _rows, _votes = counts.take()
 
     rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
     report("dtrain_step", args, rates, world, rank,
