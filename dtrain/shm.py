@@ -22,8 +22,9 @@ marked the *next* call ready, i.e. has finished copying from it.
 Flags are 8-byte integers, each written by its owner only, and read by the others with plain loads:
 x86-64's ordering of stores (TSO) makes a flag visible after the data written before it, which is
 why ``supported()`` is true only there. A waiting rank spins for a moment, then yields its core (the
-other rank, or the Dask worker on a small machine, may need it), then sleeps; it checks every second
-that its peers' processes are alive, so a crashed peer gives an error, not a hang.
+other rank, or the Dask worker on a small machine, may need it), then sleeps, the longer the longer
+it has waited; it checks every second that its peers' processes are alive, so a crashed peer gives an
+error, not a hang.
 
 A buffer becomes shared in two ways: allocated here (``alloc``; dtrain's gradient buffer is, so the
 reduction reads it where autograd wrote it), or copied into a staging file of this module's own (any
@@ -54,7 +55,8 @@ MAGIC = 0x64747261696E  # "dtrain": a mapped file that does not hold it is not o
 _FLAG, _PID, _MAGIC = 0, 1, 2  # int64 slots in the header
 SPIN_SECONDS = 50e-6  # wait by spinning this long (a peer in lockstep arrives within microseconds) ...
 YIELD_SECONDS = 2e-3  # ... then by yielding the core until this long ...
-SLEEP_SECONDS = 100e-6  # ... then by sleeping this long between looks
+SLEEP_FRACTION = 0.05  # ... then by sleeping 5% of the wait so far between looks (at most SLEEP_MAX):
+SLEEP_MAX = 1e-3  # a long wait (a peer loading data) costs few wake-ups and at most 5% more waiting
 LIVENESS_SECONDS = 1.0  # how often a long wait checks that the peers' processes are alive
 PEER_GONE = "shared-memory peer is gone"  # in the error a dead peer causes (dist.peer_failure looks for it)
 
@@ -262,7 +264,7 @@ class ShmGroup:
                 if waited < YIELD_SECONDS:
                     os.sched_yield()
                     continue
-                time.sleep(SLEEP_SECONDS)
+                time.sleep(min(SLEEP_MAX, SLEEP_FRACTION * waited))
                 if now - checked > LIVENESS_SECONDS:
                     checked = now
                     self._check_alive(peers, waited)
