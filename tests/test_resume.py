@@ -15,9 +15,10 @@ from conftest import HOROVODRUN, PYTHON, REPO, kill_tree, metrics_lines, start_j
 
 from dtrain.checkpoint import Checkpointer
 
-# ~1100 steps at batch 64 over 2 epochs: long enough to interrupt, short enough for CI.
+# ~1100 steps at batch 64 over 2 epochs: long enough to interrupt, short enough for CI. Dropout: the
+# resumed run must draw the same masks at the same steps (seeded per (seed, step, rank), no RNG state).
 ARGS = ["--gen-rows", "40000", "--gen-partitions", "8", "--global-batch-size", "64", "--hidden", "64,64",
-        "--epochs", "2", "--checkpoint-every", "50", "--log-every", "10"]
+        "--dropout", "0.1", "--epochs", "2", "--checkpoint-every", "50", "--log-every", "10"]
 
 
 def _command(run_dir: Path) -> list[str]:
