@@ -85,3 +85,29 @@ def test_only_models_made_of_known_layers_count_as_drawing_no_random_numbers():
 
     assert models.draws_random(nn.Sequential(Own(4, 2)))
     assert models.draws_random(nn.Sequential(nn.Linear(4, 2), nn.GELU()))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optimizers_are_fused_and_keep_the_plain_state(optimizer, monkeypatch):
+    from dtrain import engine
+    from dtrain.config import Config, OptimConfig
+
+    torch.manual_seed(0)
+    fused_model, plain_model = nn.Linear(5, 3), nn.Linear(5, 3)
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = Config(optim=OptimConfig(optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=0.01))
+    fused = engine.make_optimizer(cfg, fused_model.parameters())
+    monkeypatch.setattr(engine, "_fusable", lambda params: False)
+    plain = engine.make_optimizer(cfg, plain_model.parameters())
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    x = torch.randn(8, 5)
+    for opt, model in ((fused, fused_model), (plain, plain_model)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    # One kernel instead of several operations: the same update up to rounding, the same state layout.
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    fs, ps = fused.state_dict()["state"], plain.state_dict()["state"]
+    assert fs.keys() == ps.keys() and all(fs[k].keys() == ps[k].keys() for k in fs)
