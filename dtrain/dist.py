@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from dtrain import shm
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -95,7 +97,6 @@ def gradient_transport() -> str:
     Gloo instead where shared memory is not supported (``dtrain.shm.supported``). ``shm`` insists on
     shared memory (one host); ``torch`` picks Gloo, also on several hosts; ``horovod`` never leaves Horovod.
     """
-    from dtrain import shm
     from dtrain.config import UserError
 
     choice = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
@@ -157,8 +158,6 @@ def init() -> None:
 def _shm_group() -> Any:
     """This host's ranks summing through shared memory; rank 0 names the job's files."""
     import uuid
-
-    from dtrain import shm
 
     token = _hvd.broadcast_object(uuid.uuid4().hex[:12] if _hvd.rank() == 0 else None, root_rank=0,
                                   name="dtrain-shm-token")
@@ -370,8 +369,6 @@ def _sum_flat_(tensors: list[torch.Tensor], name: str, wire_dtype: torch.dtype |
 def _collective_sum_(buf: torch.Tensor, name: str) -> None:
     global _shm
     if _shm is not None and buf.device.type == "cpu":
-        from dtrain import shm
-
         try:
             _shm.allreduce_(buf, name)
             return
@@ -459,8 +456,7 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
 
 
 # What Gloo (torch.distributed) and dtrain.shm say when a peer's process is gone.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
-              "shared-memory peer is gone")
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", shm.PEER_GONE)
 
 
 def peer_failure(error: BaseException) -> bool:

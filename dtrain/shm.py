@@ -43,7 +43,6 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,21 +120,17 @@ def shards(numel: int, size: int) -> list[tuple[int, int]]:
     return [(numel * r // size, numel * (r + 1) // size) for r in range(size)]
 
 
-@dataclass
 class _Channel:
-    """The shared files of one buffer on every rank, and the views one call needs, made once."""
+    """The shared files of one buffer on every rank, and the views each call uses, made once."""
 
-    mine: Segment
-    peers: list[Segment]  # by rank; ``peers[rank] is mine``
-    calls: int = 0
-
-    def views(self, rank: int, size: int) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-        bounds = shards(self.mine.numel, size)
+    def __init__(self, mine: Segment, peers: list[Segment], rank: int):
+        self.mine, self.peers = mine, peers  # peers by rank; ``peers[rank] is mine``
+        self.calls = 0
+        bounds = shards(mine.numel, len(peers))
         lo, hi = bounds[rank]
-        inputs = [seg.data[lo:hi] for seg in self.peers]  # shard ``rank`` of every rank's buffer
-        out = self.mine.result[: hi - lo]
-        summed = [seg.result[: b - a] for seg, (a, b) in zip(self.peers, bounds, strict=True)]
-        return inputs, out, summed
+        self.inputs = [seg.data[lo:hi] for seg in peers]  # shard ``rank`` of every rank's buffer
+        self.out = mine.result[: hi - lo]  # where this rank sums it
+        self.summed = [seg.result[: b - a] for seg, (a, b) in zip(peers, bounds, strict=True)]  # every rank's sum
 
 
 class ShmGroup:
@@ -157,7 +152,6 @@ class ShmGroup:
         self._names = itertools.count()
         self._owned: dict[int, Segment] = {}  # data_ptr -> a segment of ``alloc``, not yet reduced
         self._channels: dict[str, _Channel] = {}
-        self._views: dict[str, tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]] = {}
         atexit.register(self.close)
 
     # -- buffers --------------------------------------------------------------------------------------
@@ -211,8 +205,7 @@ class ShmGroup:
                  for r, (path, *_rest) in enumerate(described)]
         self._exchange(None)  # every rank has mapped every file: the names can go
         os.unlink(mine.path)
-        channel = self._channels[key] = _Channel(mine, peers)
-        self._views[key] = channel.views(self.rank, self.size)
+        channel = self._channels[key] = _Channel(mine, peers, self.rank)
         return channel
 
     # -- the collective -------------------------------------------------------------------------------
@@ -222,7 +215,7 @@ class ShmGroup:
         if self.size == 1 or buf.numel() == 0:
             return
         channel = self._channel(key, buf)
-        inputs, out, summed = self._views[key]
+        inputs, out, summed = channel.inputs, channel.out, channel.summed
         staged = buf.data_ptr() != channel.mine.data.data_ptr()
         if staged:
             channel.mine.data.copy_(buf.reshape(-1))
@@ -284,7 +277,6 @@ class ShmGroup:
 
     def _drop(self, key: str) -> None:
         channel = self._channels.pop(key)
-        self._views.pop(key, None)
         for seg in channel.peers:
             seg.close()
 

@@ -92,7 +92,7 @@ class Batch:
 
 @dataclass
 class _Request:
-    """The rows of ``steps`` for this rank, asked of the cluster as one take task per partition."""
+    """The rows of ``steps`` for this rank, asked of the cluster as one take task per home worker."""
 
     steps: list[int]
     lengths: list[int]  # this rank's rows per step
@@ -100,6 +100,10 @@ class _Request:
     total: int
     takes: list[tuple[Future, np.ndarray]]  # (future of Arrays from one worker, where its rows go)
     partitions: set[int]
+
+    def release(self) -> None:
+        for fut, _ in self.takes:
+            fut.release()
 
 
 @dataclass
@@ -190,8 +194,7 @@ class Stream:
                 xn[idx], yn[idx], rid[idx] = part.x, part.y, part.row_id
             return _Rows(x, y, rid)
         finally:
-            for fut, _ in req.takes:
-                fut.release()
+            req.release()
 
     def _warm(self, plan: EpochPlan, steps: list[int]) -> set[int]:
         """Start preparing the partitions of the windows ``steps`` read, a request ahead of their first use.
@@ -278,10 +281,8 @@ class Stream:
             # own futures when it ends.
             for req, loading in alive:
                 if loading.cancel():
-                    for fut, _ in req.takes:
-                        fut.release()
+                    req.release()
             for req in sent.values():
-                for fut, _ in req.takes:
-                    fut.release()
+                req.release()
             loader.shutdown(wait=False, cancel_futures=True)
             self._release_unused(set())
