@@ -43,7 +43,7 @@ from dtrain.stream import Stream, rank_positions
 log = logging.getLogger(__name__)
 
 
-def bench_stream(client: Client, dataset: Dataset, stats: Stats, batch: int, prefetch: int, epochs: int,
+def bench_stream(client: Client, dataset: Dataset, stats: Stats, batch: int, prefetch: int | None, epochs: int,
                  window: int) -> dict[str, Any]:
     stream = Stream(client, dataset.partitions("train"), len(stats.features), 0, 1, prefetch)
     rows, t0 = 0, time.perf_counter()
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=32)
     ap.add_argument("--partitions", type=int, default=32)
     ap.add_argument("--batch", type=int, default=256, help="rows per step (one rank: the global batch)")
-    ap.add_argument("--prefetch", default="8,64,256",
-                    help="steps in flight (dtrain --prefetch), comma-separated: one stream run each")
+    ap.add_argument("--prefetch", default="auto,8,64,256",
+                    help="steps in flight (dtrain --prefetch; auto: its default), comma-separated: one stream run each")
     ap.add_argument("--shuffle-window", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="Dask workers (processes)")
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest counts (shared machines)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    prefetches = [None if p == "auto" else int(p) for p in str(args.prefetch).split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or os.path.join(tmp, "data")
@@ -138,8 +138,8 @@ def main() -> None:
             stats_s = time.perf_counter() - t0
             # pyarrow first: the first Stream tunes malloc for the whole process (dtrain.stream).
             arrow = best(lambda: bench_pyarrow(files, stats, args.batch, args.epochs, args.shuffle_window,
-                                               max(prefetches) // 2), args.repeat)
-            streams = {f"stream prefetch={pf}": best(functools.partial(
+                                               max(p or 256 for p in prefetches) // 2), args.repeat)
+            streams = {f"stream prefetch={pf or 'auto'}": best(functools.partial(
                 bench_stream, client, dataset, stats, args.batch, pf, args.epochs, args.shuffle_window), args.repeat)
                 for pf in prefetches}
         stall = real_run_stall(data, args.batch, os.path.join(tmp, "run"))

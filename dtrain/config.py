@@ -82,7 +82,8 @@ class DataConfig:
     shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
     shuffle_window: int = doc(4, "partitions whose rows are shuffled together (bounds memory on the cluster)")
     drop_last: bool = doc(False, "drop the last partial global batch of each epoch")
-    prefetch: int = doc(64, "steps whose rows each rank keeps in flight (Dask round trips cost ms: keep it large)")
+    prefetch: int | None = doc(None, "steps whose rows each rank keeps in flight (default: as many as make 16 MB; "
+                               "Dask round trips cost ms per request, so requests are large)")
     audit_dir: str | None = doc(None, "write the row ids each rank consumes at each step here (debugging)")
     follow: bool = doc(False, "online mode: after the files at start, keep polling the Parquet directory/glob "
                        "--data for new files and train on them as they land (names starting with . or _ are ignored)")
@@ -100,8 +101,10 @@ class DataConfig:
         _choice("task", self.task, ("auto", "classification", "regression"))
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        for name in ("shuffle_window", "prefetch", "gen_rows", "gen_features", "gen_partitions"):
+        for name in ("shuffle_window", "gen_rows", "gen_features", "gen_partitions"):
             _positive(name, getattr(self, name))
+        if self.prefetch is not None:
+            _positive("prefetch", self.prefetch)
         if self.gen_classes < 2:
             raise ConfigError("gen_classes", f"needs at least 2 classes, got {self.gen_classes}")
         _positive("gen_noise", self.gen_noise, zero_ok=True)

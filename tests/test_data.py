@@ -25,7 +25,7 @@ from dtrain import datagen
 from dtrain.config import ConfigError, DataConfig, UserError
 from dtrain.data import Arrays, DataError, Dataset, Stats, generated, is_validation, open_source
 from dtrain.plan import EpochPlan
-from dtrain.stream import Stream
+from dtrain.stream import RAMP_FIRST, Stream, ramped
 
 ROWS, PARTS, FEATURES = 3001, 5, 6
 
@@ -51,7 +51,7 @@ def prepared(ds: Dataset, split: str) -> list[Arrays]:
     return list(dask.compute(*ds.partitions(split)))
 
 
-def stream_epoch(client: Any, ds: Dataset, stats: Stats, batch: int, world: int, rank: int, prefetch: int = 4,
+def stream_epoch(client: Any, ds: Dataset, stats: Stats, batch: int, world: int, rank: int, prefetch: int | None = 4,
                  epoch: int = 0, start_step: int = 0) -> list[Any]:
     plan = EpochPlan(tuple(stats.train_sizes), batch, seed=1, epoch=epoch, shuffle_window=2)
     stream = Stream(client, ds.partitions("train"), len(stats.features), rank, world, prefetch)
@@ -184,6 +184,28 @@ def test_stream_resumes_mid_epoch_and_releases_on_early_stop(dask_client: Any, p
 
 
 @pytest.mark.cluster
+def test_stream_default_prefetch_and_relayed_gather_give_the_plan_rows(dask_client: Any, parquet_dir: Path) -> None:
+    """The default (byte-sized, ramped requests) and a client that may not reach the workers directly
+    (Dask's direct-to-workers off: rows relayed by the scheduler) stream the same rows as a small window."""
+    from distributed import Client
+
+    ds = dataset(parquet_dir)
+    stats = ds.compute_stats()
+    small = stream_epoch(dask_client, ds, stats, 64, 2, 1, prefetch=4)
+    default = stream_epoch(dask_client, ds, stats, 64, 2, 1, prefetch=None)  # type: ignore[arg-type]
+    with Client(dask_client.scheduler.address, direct_to_workers=False, set_as_default=False) as relayed:
+        stream = Stream(relayed, ds.partitions("train"), len(stats.features), 1, 2)
+        assert not stream._direct
+        plan = EpochPlan(tuple(stats.train_sizes), 64, seed=1, shuffle_window=2)
+        via_scheduler = list(stream.batches(plan))
+    for batches in (default, via_scheduler):
+        assert [b.step for b in batches] == [b.step for b in small]
+        for a, b in zip(small, batches, strict=True):
+            np.testing.assert_array_equal(a.row_id, b.row_id)
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
+@pytest.mark.cluster
 def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client: Any, parquet_dir: Path) -> None:
     """Two workers: every partition is prepared on its home worker, and takes run there, one per worker."""
     from distributed import Client, LocalCluster, get_task_stream
@@ -206,7 +228,7 @@ def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client:
     prepared_on = {int(k.rsplit("-", 1)[1]): w for k, w in tasks if k.startswith("dtrain-train-")}
     assert prepared_on == {p: workers[p % 2] for p in range(PARTS)}
     takes = [w for k, w in tasks if k.startswith("take_from")]
-    requests = math.ceil(plan.num_steps / stream.chunk)
+    requests = len(ramped(list(plan.steps()), stream.steps_in_flight(plan) // 2, RAMP_FIRST))
     assert set(takes) == set(workers) and requests <= len(takes) <= 2 * requests
 
 
