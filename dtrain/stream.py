@@ -31,10 +31,7 @@ land in pinned memory and are copied to the device asynchronously (``non_blockin
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import logging
-import os
-import platform
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -49,8 +46,6 @@ from dtrain.plan import EpochPlan, group_by_partition, rank_slice
 log = logging.getLogger(__name__)
 
 
-# Requests at or above this size get their own memory mapping, returned to the OS when freed.
-MMAP_THRESHOLD = 1 << 20
 # At most this many requests (and bytes of their rows) sent to the cluster ahead of the two alive: see
 # Stream._sent_ahead.
 SENT_AHEAD = 2
@@ -59,27 +54,6 @@ SENT_AHEAD_BYTES = 8 << 20
 AUTO_PREFETCH_BYTES = 16 << 20
 # The first request of a pass is this fraction of the others: see ramped().
 RAMP_FIRST = 8
-_malloc_tuned = False
-
-
-def return_big_buffers_to_the_os() -> None:
-    """Have glibc serve allocations >= 1 MiB with their own mmap, unmapped again when freed.
-
-    A request's buffers (ours, and Dask's for the frames it receives) are large and short-lived. After
-    the first large free glibc raises its mmap threshold (up to 32 MiB) and serves them from its
-    per-thread arenas instead, where they fragment: the resident memory of a rank grew by about 30 MB
-    per epoch in tests/test_stream_memory.py, flat with a fixed threshold. Process-wide, once; skipped
-    off glibc and where the user chose (``MALLOC_MMAP_THRESHOLD_``).
-    """
-    global _malloc_tuned
-    if _malloc_tuned or "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return
-    _malloc_tuned = True
-    try:
-        m_mmap_threshold = -3  # from <malloc.h>
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # an unusual libc: keep its defaults
-        log.debug("cannot set the malloc mmap threshold", exc_info=True)
 
 
 @dataclass
@@ -190,7 +164,6 @@ class Stream:
         # workers' addresses, only the scheduler's).
         direct = getattr(client, "direct_to_workers", None)
         self._direct = True if direct is None else bool(direct)
-        return_big_buffers_to_the_os()
 
     def _home(self, p: int) -> str | None:
         """The worker partition ``p`` is prepared on and read from; ``None`` leaves it to the scheduler."""
