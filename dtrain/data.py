@@ -30,6 +30,7 @@ import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
@@ -185,11 +186,6 @@ def _matches(path: str) -> list[str]:
 _SUFFIXES = (("parquet", _PARQUET_EXT), ("csv", (".csv", ".csv.gz")), ("npy", (".npy",)), ("zarr", (".zarr",)))
 
 
-def _is_dir(path: str) -> bool:
-    fs, root = _fs(path)
-    return bool(fs.isdir(root))
-
-
 def data_format(cfg: DataConfig) -> str | None:
     """The format of ``--data`` (``--format``, else guessed from the names); None for generated data."""
     if cfg.data is None:
@@ -231,7 +227,7 @@ def _files(cfg: DataConfig, fmt: str) -> list[str]:
     return files if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in files]
 
 
-# -- a followed directory (--follow): listed again and again, read file by file ------------------------
+# -- Parquet, file by file (and a followed directory, listed again and again) -------------------------
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -300,12 +296,12 @@ def parquet_meta(path: str) -> pd.DataFrame:
         return pq.read_schema(f).empty_table().to_pandas()
 
 
-def read_parquet_file(path: str, columns: tuple[str, ...], rows: int | None = None,
-                      offset: int | None = None) -> pd.DataFrame:
+def read_parquet_table(path: str, columns: tuple[str, ...], rows: int | None = None,
+                       offset: int | None = None, flag: str = "--data") -> pa.Table:
     """``columns`` of one Parquet file; rows numbered from ``offset`` when given. Runs on a worker.
 
     ``rows``: the row count recorded when the file was first read; a file that changed since is refused
-    (its rows would no longer be the ones the plan and a resumed run expect).
+    (its rows would no longer be the ones the plan and a resumed run expect). ``flag`` starts the errors.
     """
     fs, p = _fs(path)
     with fs.open(p, "rb") as f:
@@ -313,21 +309,36 @@ def read_parquet_file(path: str, columns: tuple[str, ...], rows: int | None = No
         names = pf.schema_arrow.names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise DataError(f"--follow: {path} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+            raise DataError(f"{flag}: {path} has no column {missing[0]!r} (columns: {', '.join(names)}); "
                             f"write every file with the columns of the first ones ({', '.join(columns)})")
-        df = pf.read(columns=list(columns)).to_pandas()
-    if rows is not None and len(df) != rows:
-        raise DataError(f"--follow: {path} changed after it was read ({rows} rows then, {len(df)} now); "
+        table = pf.read(columns=list(columns))
+    if rows is not None and table.num_rows != rows:
+        raise DataError(f"{flag}: {path} changed after it was read ({rows} rows then, {table.num_rows} now); "
                         "never change a file once it landed: write a new one")
     if offset is not None:
-        df[ROW_ID] = np.arange(offset, offset + len(df), dtype=np.int64)
-    return df
+        ids = pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64))
+        table = table.set_column(table.schema.get_field_index(ROW_ID), ROW_ID, ids) if ROW_ID in table.column_names \
+            else table.append_column(ROW_ID, ids)
+    return table
+
+
+def read_parquet_file(path: str, columns: tuple[str, ...], rows: int | None = None,
+                      offset: int | None = None, flag: str = "--data") -> pd.DataFrame:
+    """:func:`read_parquet_table` as a DataFrame (the partitions of a Parquet source's Dask frame)."""
+    return read_parquet_table(path, columns, rows, offset, flag).to_pandas()
+
+
+def parquet_rows(path: str) -> int:
+    """The rows of a Parquet file, from its footer. Runs on a worker."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
 
 
 def inspect_new_file(path: str, columns: tuple[str, ...], spec: Spec) -> dict[str, Any]:
     """Check a newly landed file against the statistics of the first ones; its row count and, when it
     carries row ids, its split. Runs on a worker; problems are one line naming the file and the fix."""
-    df = read_parquet_file(path, columns)
+    df = read_parquet_file(path, columns, flag="--follow")
     for c in spec.features:
         if not pd.api.types.is_numeric_dtype(df[c].dtype):
             raise DataError(f"--follow: column {c!r} of {path} is not numeric ({df[c].dtype}); "
@@ -358,11 +369,11 @@ def inspect_new_file(path: str, columns: tuple[str, ...], spec: Spec) -> dict[st
     return out
 
 
-def follow_source(files: list[str]) -> dd.DataFrame:
-    """The files present when following starts, one partition per file, in the order given."""
+def parquet_source(files: list[str]) -> dd.DataFrame:
+    """Parquet files, one partition per file, in the order given (only the columns used are read)."""
     meta = parquet_meta(files[0])
     return dd.from_map(read_parquet_file, files, columns=tuple(map(str, meta.columns)), meta=meta,
-                       enforce_metadata=False, label="dtrain-follow")
+                       enforce_metadata=False, label="dtrain-parquet")
 
 
 # -- array sources (npy, zarr): opened on whichever process reads the rows ------------------------------
@@ -473,9 +484,8 @@ def open_source(cfg: DataConfig, seed: int) -> dd.DataFrame:
     fmt = data_format(cfg)
     with read_errors(_where(cfg)):
         if fmt == "parquet":
-            files = _files(cfg, fmt)
-            # A directory goes to the reader as it is, which then honours Hive partitions and _metadata.
-            return dd.read_parquet(cfg.data if _is_dir(cfg.data) else files)
+            # File by file, read by pyarrow straight to numpy for training (see Dataset.partitions).
+            return parquet_source(_files(cfg, fmt))
         if fmt == "csv":
             return dd.read_csv(_files(cfg, fmt), blocksize="64MB")
         if fmt == "npy":
@@ -586,25 +596,52 @@ def summarize(df: pd.DataFrame, spec: Spec) -> dict[str, Any]:
 
 def prepare(df: pd.DataFrame, spec: Spec, split: str) -> Arrays:
     """A partition's rows of one split as standardised float32 features and label indexes."""
-    row_id = df[ROW_ID].to_numpy(dtype=np.int64)
+    return _prepare(df[ROW_ID].to_numpy(dtype=np.int64), _features(df, spec, np.float32), df[spec.label], spec, split)
+
+
+def _prepare(row_id: np.ndarray, x: np.ndarray, label: Any, spec: Spec, split: str) -> Arrays:
+    """The rows of ``split`` from a partition's row ids, float32 features and label column (pandas or numpy)."""
     val = is_validation(row_id, spec.val_fraction, spec.seed)
     keep = val if split == "val" else ~val
     # Select rows on the numpy arrays, not on the DataFrame (which would copy every column first),
     # and standardise in place: this runs for every partition of every epoch.
-    x = _fill(_features(df, spec, np.float32)[keep], spec.fillna)
+    x = _fill(x[keep], spec.fillna)
     x -= np.asarray(spec.mean, dtype=np.float32)
     x /= np.asarray(spec.std, dtype=np.float32)
     if spec.classes:
-        labels = df[spec.label].to_numpy()[keep]
+        labels = np.asarray(label.to_numpy() if isinstance(label, pd.Series) else label)[keep]
         y = pd.Index(spec.classes).get_indexer(labels)
         if (y < 0).any():
             bad = labels[y < 0][0]
             raise DataError(f"--label: value {bad!r} is not one of the {len(spec.classes)} classes in the statistics; "
                             "the data changed since they were computed: use the same --data or --resume never")
         y = y.astype(np.int64)
+    elif isinstance(label, pd.Series):
+        y = label.to_numpy(dtype=np.float32, na_value=np.nan)[keep]
     else:
-        y = df[spec.label].to_numpy(dtype=np.float32, na_value=np.nan)[keep]
+        y = np.asarray(label, dtype=np.float32)[keep]
     return Arrays(np.ascontiguousarray(x, dtype=np.float32), y, row_id[keep])
+
+
+def _plain_numbers(column: pa.ChunkedArray) -> bool:
+    """Integers or floats without nulls: what numpy holds as they are, the common case of every column."""
+    return (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)) and column.null_count == 0
+
+
+def prepare_table(table: pa.Table, spec: Spec, split: str) -> Arrays:
+    """:func:`prepare` from an Arrow table: the same arrays, without the detour through pandas.
+
+    Plain numeric columns (no nulls) go from Arrow to one float32 array directly; any other table goes
+    through pandas (:func:`prepare`), which knows every type and how missing values read.
+    """
+    features = [table.column(f) for f in spec.features]
+    label = table.column(spec.label)
+    if not all(_plain_numbers(c) for c in features) or not _plain_numbers(label):
+        return prepare(table.to_pandas(), spec, split)
+    # Columns stacked (contiguous copies), then one transposing copy: far faster than writing each
+    # column into a strided slice of a row-major array.
+    x = np.stack([c.to_numpy() for c in features]).astype(np.float32, copy=False).T
+    return _prepare(table.column(ROW_ID).to_numpy().astype(np.int64, copy=False), x, label.to_numpy(), spec, split)
 
 
 def take_from(parts: list[Arrays], idxs: list[np.ndarray]) -> Arrays:
@@ -638,8 +675,8 @@ def prepare_part(part: PartGraph, spec: Spec, split: str) -> Arrays:
 
 
 def prepare_file(path: str, columns: tuple[str, ...], rows: int, offset: int | None, spec: Spec, split: str) -> Arrays:
-    """``--follow``: read a file and prepare it in one task (see :func:`prepare_part`)."""
-    return prepare(read_parquet_file(path, columns, rows, offset), spec, split)
+    """A Parquet file's rows of ``split``, read and prepared in one task (see :func:`prepare_part`)."""
+    return prepare_table(read_parquet_table(path, columns, rows, offset), spec, split)
 
 
 def _with_row_ids(df: pd.DataFrame, offsets: list[int], partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -703,11 +740,17 @@ def _check_label_and_ids(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> None
 class Dataset:
     """Lazy partitions of the train and validation splits, plus their statistics."""
 
-    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, identity: Any = None):
-        """``identity``: what the data is, for the fingerprint, when not every file of ``--data`` (--follow)."""
+    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, identity: Any = None,
+                 files: list[str] | None = None):
+        """``identity``: what the data is, for the fingerprint, when not every file of ``--data`` (--follow).
+        ``files``: the Parquet file of each partition (default: ``--data``'s, for a Parquet source)."""
         self.cfg = cfg
         self.seed = seed
         fmt = data_format(cfg)
+        if files is None and fmt == "parquet" and identity is None:
+            files = _files(cfg, fmt)  # as parquet_source listed them
+        # One partition per file (parquet_source): training reads each with pyarrow, straight to numpy.
+        self._files = files if files is not None and len(files) == ddf.npartitions else None
         self.label = ARRAY_LABEL if fmt in ("npy", "zarr") else cfg.label
         self.features = _select_features(ddf, cfg, self.label)
         _check_label_and_ids(ddf, cfg, self.label)
@@ -718,7 +761,10 @@ class Dataset:
         if ROW_ID not in ddf.columns:
             # Row ids are the rows' global positions; they need the partitions' lengths first.
             with read_errors(_where(cfg)):
-                lengths = ddf.map_partitions(len).compute().tolist()
+                if self._files is not None:  # the footers say: no pass over the data
+                    lengths = list(dask.compute(*[dask.delayed(parquet_rows, pure=False)(f) for f in self._files]))
+                else:
+                    lengths = ddf.map_partitions(len).compute().tolist()
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int).tolist()
             ddf = ddf.map_partitions(_with_row_ids, offsets, meta={**ddf.dtypes.to_dict(), ROW_ID: np.int64})
         self.ddf = ddf
@@ -788,6 +834,11 @@ class Dataset:
 
     def partitions(self, split: str) -> list[Delayed]:
         """One lazy Arrays per partition, keyed deterministically so ranks share them on the cluster."""
+        if self._files is not None:
+            assert self.stats is not None
+            rows = [t + v for t, v in zip(self.stats.train_sizes, self.stats.val_sizes, strict=True)]
+            offsets: list[int | None] = [None] * len(rows) if self.own_ids else list(number_rows(rows, 0))
+            return self._file_partitions(list(zip(self._files, rows, offsets, strict=True)), split)
         spec = self.spec()
         key = _digest(self.token, asdict(spec))[:16]
         return [
@@ -828,12 +879,16 @@ class Dataset:
 
     def file_partitions(self, entries: list[FileEntry], split: str) -> list[Delayed]:
         """One lazy Arrays per file, keyed by the file and its numbering so ranks share them."""
+        return self._file_partitions([(e.path, e.rows, e.offset) for e in entries], split)
+
+    def _file_partitions(self, files: list[tuple[str, int, int | None]], split: str) -> list[Delayed]:
+        """One lazy Arrays per ``(path, rows, offset)``, keyed by the file and its numbering so ranks share them."""
         spec = self.spec()
         key = _digest(self.token, asdict(spec))[:16]
         read_cols = tuple(c for c in self.columns if c != ROW_ID or self.own_ids)
         out = []
-        for e in entries:
-            name = _digest(e.path, e.rows, e.offset)[:16]
-            out.append(dask.delayed(prepare_file, pure=True)(e.path, read_cols, e.rows, e.offset, spec, split,
+        for path, rows, offset in files:
+            name = _digest(path, rows, offset)[:16]
+            out.append(dask.delayed(prepare_file, pure=True)(path, read_cols, rows, offset, spec, split,
                                                              dask_key_name=f"dtrain-{split}-{key}-{name}"))
         return out

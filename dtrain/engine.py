@@ -37,7 +37,7 @@ from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
-from dtrain.data import Dataset, Stats, data_format, follow_root, follow_source, list_parquet, open_source
+from dtrain.data import Dataset, Stats, data_format, follow_root, list_parquet, open_source, parquet_source
 from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, new_files
 from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validate_world
 from dtrain.progress import Progress
@@ -407,7 +407,8 @@ def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any]
             raise UserError(f"--follow: no Parquet files in {source!r} yet; the statistics come from the files "
                             "present at start: start once the first file has landed")
     identity = ["follow", source, [[f.path, f.size, f.mtime] for f in infos]]
-    dataset = Dataset(follow_source([f.path for f in infos]), cfg.data, cfg.train.seed, identity=identity)
+    paths = [f.path for f in infos]
+    dataset = Dataset(parquet_source(paths), cfg.data, cfg.train.seed, identity=identity, files=paths)
     coord.check_fingerprint(resumed, dataset.token)
     return dataset, resumed, infos
 

@@ -225,7 +225,8 @@ def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client:
     ids = np.concatenate([b.row_id for b in batches])
     assert len(set(ids.tolist())) == len(ids) == sum(len(plan.rank_batch(s, 2, 1)) for s in range(plan.num_steps))
     tasks = [(str(t["key"]), t["worker"]) for t in ts.data]
-    prepared_on = {int(k.rsplit("-", 1)[1]): w for k, w in tasks if k.startswith("dtrain-train-")}
+    partition_of = {str(d.key): p for p, d in enumerate(ds.partitions("train"))}
+    prepared_on = {partition_of[k]: w for k, w in tasks if k in partition_of}
     assert prepared_on == {p: workers[p % 2] for p in range(PARTS)}
     takes = [w for k, w in tasks if k.startswith("take_from")]
     requests = len(ramped(list(plan.steps()), stream.steps_in_flight(plan) // 2, RAMP_FIRST))
