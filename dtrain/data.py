@@ -646,10 +646,23 @@ def prepare_table(table: pa.Table, spec: Spec, split: str) -> Arrays:
 
 def take_from(parts: list[Arrays], idxs: list[np.ndarray]) -> Arrays:
     """Rows ``idxs[i]`` of ``parts[i]``, concatenated: runs on the worker holding the partitions, so one
-    task serves a whole request's rows there."""
-    taken = [p.take(i) for p, i in zip(parts, idxs, strict=True)]
-    return Arrays(np.concatenate([t.x for t in taken]), np.concatenate([t.y for t in taken]),
-                  np.concatenate([t.row_id for t in taken]))
+    task serves a whole request's rows there.
+
+    Each partition's rows go straight into the result (``np.take(..., out=)``): taking them apart and
+    concatenating allocated and faulted in every row twice: 14.5 ms against 3.6 for 58k rows of 32 features.
+    """
+    n = sum(len(i) for i in idxs)
+    first = parts[0]
+    out = Arrays(np.empty((n, *first.x.shape[1:]), first.x.dtype), np.empty(n, first.y.dtype),
+                 np.empty(n, first.row_id.dtype))
+    start = 0
+    for p, i in zip(parts, idxs, strict=True):
+        rows = slice(start, start + len(i))
+        np.take(p.x, i, axis=0, out=out.x[rows])
+        np.take(p.y, i, out=out.y[rows])
+        np.take(p.row_id, i, out=out.row_id[rows])
+        start += len(i)
+    return out
 
 
 @dataclass(frozen=True)
