@@ -28,8 +28,8 @@ WARM_UP_EPOCHS = 2
 def test_rss_stays_flat_while_streaming_much_more_data(dask_client: Any) -> None:
     # Wide rows make the data large next to what Dask keeps: its comms log their last 1000 messages
     # (distributed.admin.low-level-log-length), and a request carries 4 bytes per row it asks for.
-    # An earlier stream (rows relayed by the scheduler, small requests, two tasks per partition) grew
-    # about 30 MB per epoch here under glibc's default malloc settings.
+    # With a request's rows in glibc's heaps, this test measured 15-25 MB more per epoch when it ran
+    # after tests/test_data.py in one process (dtrain.stream maps each request's rows on its own).
     cfg = DataConfig(gen_rows=270_000, gen_features=128, gen_partitions=24, shuffle_window=4)
     dataset = Dataset(open_source(cfg, 0), cfg, 0)
     stats = dataset.compute_stats()
