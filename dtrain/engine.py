@@ -675,7 +675,10 @@ def run(cfg: Config) -> dict[str, Any]:
                     train_stream = stream(dataset.file_partitions(feed.segments[epoch], "train"))
                 progress.start_epoch(epoch, epoch_plan.num_steps, at.step)
                 batch: Batch
-                for batch in timed(train_stream.batches(epoch_plan, y_dtype=y_dtype), current_meter):
+                # The next epoch's first partitions are prepared while this one ends (not --follow:
+                # its next segment is other files, maybe not there yet).
+                then = plan(Position(epoch + 1), global_batch) if feed is None and epoch + 1 < epochs else None
+                for batch in timed(train_stream.batches(epoch_plan, y_dtype=y_dtype, then=then), current_meter):
                     for g in optimizer.param_groups:
                         g["lr"] = cfg.optim.lr * lr_scale * lr_factor(cfg, state.global_step, total_steps,
                                                                        schedule_start)

@@ -184,6 +184,29 @@ def test_stream_resumes_mid_epoch_and_releases_on_early_stop(dask_client: Any, p
 
 
 @pytest.mark.cluster
+def test_stream_prepares_the_next_epoch_while_one_ends(dask_client: Any, parquet_dir: Path) -> None:
+    """``then``: the next pass's first partitions are held when a pass ends, and that pass streams the
+    same rows as a fresh stream; a pass stopped early keeps nothing."""
+    ds = dataset(parquet_dir)
+    stats = ds.compute_stats()
+    plans = [EpochPlan(tuple(stats.train_sizes), 64, seed=1, epoch=e, shuffle_window=2) for e in range(3)]
+    stream = Stream(dask_client, ds.partitions("train"), len(stats.features), 0, 1, prefetch=8)
+    list(stream.batches(plans[0], then=plans[1]))
+    first = plans[1].windows_between(*plans[1].batch_bounds(0))
+    assert set(stream._held) == {p for w in first for p in plans[1].window_partitions(w)}
+    second = list(stream.batches(plans[1], then=plans[2]))
+    fresh = stream_epoch(dask_client, ds, stats, 64, 1, 0, prefetch=8, epoch=1)
+    assert [b.step for b in second] == [b.step for b in fresh]
+    for a, b in zip(second, fresh, strict=True):
+        np.testing.assert_array_equal(a.row_id, b.row_id)
+        assert torch.equal(a.x, b.x)
+    it = stream.batches(plans[2], then=plans[0])
+    next(it)
+    it.close()
+    assert stream._held == {}
+
+
+@pytest.mark.cluster
 def test_stream_default_prefetch_and_relayed_gather_give_the_plan_rows(dask_client: Any, parquet_dir: Path) -> None:
     """The default (byte-sized, ramped requests) and a client that may not reach the workers directly
     (Dask's direct-to-workers off: rows relayed by the scheduler) stream the same rows as a small window."""
