@@ -35,7 +35,7 @@ from distributed import Client, LocalCluster
 
 from dtrain import datagen
 from dtrain.config import DataConfig
-from dtrain.data import Dataset, Stats, open_source
+from dtrain.data import Dataset, Stats, open_dataset
 from dtrain.plan import EpochPlan, group_by_partition
 from dtrain.report import read_metrics
 from dtrain.stream import Stream, rank_positions
@@ -132,7 +132,7 @@ def main() -> None:
         with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0",
                           host="127.0.0.1") as cluster, Client(cluster) as client:
             cfg = DataConfig(data=data)
-            dataset = Dataset(open_source(cfg, 0), cfg, 0)
+            dataset = open_dataset(cfg, 0)
             t0 = time.perf_counter()
             stats = dataset.compute_stats()
             stats_s = time.perf_counter() - t0

@@ -315,10 +315,8 @@ def read_parquet_table(path: str, columns: tuple[str, ...], rows: int | None = N
     if rows is not None and table.num_rows != rows:
         raise DataError(f"{flag}: {path} changed after it was read ({rows} rows then, {table.num_rows} now); "
                         "never change a file once it landed: write a new one")
-    if offset is not None:
-        ids = pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64))
-        table = table.set_column(table.schema.get_field_index(ROW_ID), ROW_ID, ids) if ROW_ID in table.column_names \
-            else table.append_column(ROW_ID, ids)
+    if offset is not None:  # files without row ids of their own
+        table = table.append_column(ROW_ID, pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64)))
     return table
 
 
@@ -477,20 +475,25 @@ def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
     return _array_frame(ArraySource("zarr", cfg.data, label), cfg)
 
 
-def open_source(cfg: DataConfig, seed: int) -> dd.DataFrame:
-    """The dataset as a lazy Dask DataFrame; errors name the flag and the fix."""
+def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset of ``--data`` (or the generated one); errors name the flag and the fix.
+
+    A Parquet source is one partition per file, listed once here and handed to the Dataset, which has
+    the workers read each with pyarrow straight to numpy for training.
+    """
     if cfg.data is None:
-        return generated(cfg, seed)
+        return Dataset(generated(cfg, seed), cfg, seed)
     fmt = data_format(cfg)
+    files = None
     with read_errors(_where(cfg)):
         if fmt == "parquet":
-            # File by file, read by pyarrow straight to numpy for training (see Dataset.partitions).
-            return parquet_source(_files(cfg, fmt))
-        if fmt == "csv":
-            return dd.read_csv(_files(cfg, fmt), blocksize="64MB")
-        if fmt == "npy":
-            return _open_npy(cfg)
-        return _open_zarr(cfg)
+            files = _files(cfg, fmt)
+            ddf = parquet_source(files)
+        elif fmt == "csv":
+            ddf = dd.read_csv(_files(cfg, fmt), blocksize="64MB")
+        else:
+            ddf = _open_npy(cfg) if fmt == "npy" else _open_zarr(cfg)
+    return Dataset(ddf, cfg, seed, files=files)
 
 
 def _where(cfg: DataConfig) -> str:
@@ -596,11 +599,13 @@ def summarize(df: pd.DataFrame, spec: Spec) -> dict[str, Any]:
 
 def prepare(df: pd.DataFrame, spec: Spec, split: str) -> Arrays:
     """A partition's rows of one split as standardised float32 features and label indexes."""
-    return _prepare(df[ROW_ID].to_numpy(dtype=np.int64), _features(df, spec, np.float32), df[spec.label], spec, split)
+    label = df[spec.label]
+    labels = label.to_numpy() if spec.classes else label.to_numpy(dtype=np.float32, na_value=np.nan)
+    return _prepare(df[ROW_ID].to_numpy(dtype=np.int64), _features(df, spec, np.float32), labels, spec, split)
 
 
-def _prepare(row_id: np.ndarray, x: np.ndarray, label: Any, spec: Spec, split: str) -> Arrays:
-    """The rows of ``split`` from a partition's row ids, float32 features and label column (pandas or numpy)."""
+def _prepare(row_id: np.ndarray, x: np.ndarray, label: np.ndarray, spec: Spec, split: str) -> Arrays:
+    """The rows of ``split`` from a partition's row ids, float32 features and labels (targets as float32)."""
     val = is_validation(row_id, spec.val_fraction, spec.seed)
     keep = val if split == "val" else ~val
     # Select rows on the numpy arrays, not on the DataFrame (which would copy every column first),
@@ -609,17 +614,15 @@ def _prepare(row_id: np.ndarray, x: np.ndarray, label: Any, spec: Spec, split: s
     x -= np.asarray(spec.mean, dtype=np.float32)
     x /= np.asarray(spec.std, dtype=np.float32)
     if spec.classes:
-        labels = np.asarray(label.to_numpy() if isinstance(label, pd.Series) else label)[keep]
+        labels = label[keep]
         y = pd.Index(spec.classes).get_indexer(labels)
         if (y < 0).any():
             bad = labels[y < 0][0]
             raise DataError(f"--label: value {bad!r} is not one of the {len(spec.classes)} classes in the statistics; "
                             "the data changed since they were computed: use the same --data or --resume never")
         y = y.astype(np.int64)
-    elif isinstance(label, pd.Series):
-        y = label.to_numpy(dtype=np.float32, na_value=np.nan)[keep]
     else:
-        y = np.asarray(label, dtype=np.float32)[keep]
+        y = label.astype(np.float32, copy=False)[keep]
     return Arrays(np.ascontiguousarray(x, dtype=np.float32), y, row_id[keep])
 
 
@@ -756,14 +759,13 @@ class Dataset:
     def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, identity: Any = None,
                  files: list[str] | None = None):
         """``identity``: what the data is, for the fingerprint, when not every file of ``--data`` (--follow).
-        ``files``: the Parquet file of each partition (default: ``--data``'s, for a Parquet source)."""
+        ``files``: the Parquet file behind each partition of ``ddf`` (a ``parquet_source``)."""
         self.cfg = cfg
         self.seed = seed
         fmt = data_format(cfg)
-        if files is None and fmt == "parquet" and identity is None:
-            files = _files(cfg, fmt)  # as parquet_source listed them
-        # One partition per file (parquet_source): training reads each with pyarrow, straight to numpy.
-        self._files = files if files is not None and len(files) == ddf.npartitions else None
+        assert files is None or len(files) == ddf.npartitions, "one partition per Parquet file"
+        # One partition per file: training reads each with pyarrow, straight to numpy (Dataset.partitions).
+        self._files = files
         self.label = ARRAY_LABEL if fmt in ("npy", "zarr") else cfg.label
         self.features = _select_features(ddf, cfg, self.label)
         _check_label_and_ids(ddf, cfg, self.label)

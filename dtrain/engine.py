@@ -37,7 +37,7 @@ from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
-from dtrain.data import Dataset, Stats, data_format, follow_root, list_parquet, open_source, parquet_source
+from dtrain.data import Dataset, Stats, data_format, follow_root, list_parquet, open_dataset, parquet_source
 from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, new_files
 from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validate_world
 from dtrain.progress import Progress
@@ -394,7 +394,7 @@ def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any]
     of the first run whatever landed since.
     """
     if not cfg.data.follow:
-        dataset = Dataset(open_source(cfg.data, cfg.train.seed), cfg.data, cfg.train.seed)
+        dataset = open_dataset(cfg.data, cfg.train.seed)
         return dataset, coord.resume(dataset.token), None
     assert cfg.data.data is not None
     source = cfg.data.data

@@ -31,6 +31,7 @@ land in pinned memory and are copied to the device asynchronously (``non_blockin
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import mmap
 from collections.abc import Generator
@@ -300,11 +301,11 @@ class Stream:
                 sent[i] = self._submit(plan, chunks[i])
                 if i + 1 < len(chunks):
                     ahead = self._warm(plan, chunks[i + 1])
-                elif then is not None:
-                    next_steps = list(then.steps())
-                    ahead = self._warm(then, ramped(next_steps, chunk, RAMP_FIRST)[0] if next_steps else [])
-                else:
+                elif then is None:
                     ahead = set()
+                else:  # the last request: prepare for the next pass's first one
+                    first = ramped(list(itertools.islice(then.steps(), chunk)), chunk, RAMP_FIRST)
+                    ahead = self._warm(then, first[0] if first else [])
 
         def load(i: int) -> None:
             if i < len(chunks):

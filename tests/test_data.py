@@ -23,7 +23,7 @@ import torch
 
 from dtrain import datagen
 from dtrain.config import ConfigError, DataConfig, UserError
-from dtrain.data import Arrays, DataError, Dataset, Stats, generated, is_validation, open_source
+from dtrain.data import Arrays, DataError, Dataset, Stats, generated, is_validation, open_dataset
 from dtrain.plan import EpochPlan
 from dtrain.stream import RAMP_FIRST, Stream, ramped
 
@@ -44,7 +44,7 @@ def frame(path: Path) -> pd.DataFrame:
 
 def dataset(data: str | Path | None, seed: int = 0, **kw: Any) -> Dataset:
     cfg = DataConfig(data=str(data) if data is not None else None, **kw)
-    return Dataset(open_source(cfg, seed), cfg, seed)
+    return open_dataset(cfg, seed)
 
 
 def prepared(ds: Dataset, split: str) -> list[Arrays]:
@@ -107,8 +107,8 @@ def test_partition_keys_are_shared_by_datasets_and_processes(parquet_dir: Path) 
     """Ranks are separate processes: they must name a partition alike to share it on the cluster."""
     stats = Stats([f"f{j}" for j in range(FEATURES)], "label", "classification", [0.0] * FEATURES,
                   [1.0] * FEATURES, [0, 1, 2, 3], [1] * PARTS, [1] * PARTS)
-    code = ("import sys, json; from dtrain.config import DataConfig; from dtrain.data import Dataset, Stats, "
-            "open_source; c = DataConfig(data=sys.argv[1]); d = Dataset(open_source(c, 0), c, 0); "
+    code = ("import sys, json; from dtrain.config import DataConfig; from dtrain.data import Stats, "
+            "open_dataset; c = DataConfig(data=sys.argv[1]); d = open_dataset(c, 0); "
             "d.use_stats(Stats(**json.loads(sys.argv[2]))); print(json.dumps([p.key for p in d.partitions('train')]))")
     other = subprocess.run([sys.executable, "-c", code, str(parquet_dir), json.dumps(stats.to_dict())],
                            capture_output=True, text=True, check=True, timeout=120)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from dtrain.config import DataConfig
-from dtrain.data import Dataset, open_source
+from dtrain.data import open_dataset
 from dtrain.plan import EpochPlan
 from dtrain.stream import Stream
 
@@ -31,7 +31,7 @@ def test_rss_stays_flat_while_streaming_much_more_data(dask_client: Any) -> None
     # With a request's rows in glibc's heaps, this test measured 15-25 MB more per epoch when it ran
     # after tests/test_data.py in one process (dtrain.stream maps each request's rows on its own).
     cfg = DataConfig(gen_rows=270_000, gen_features=128, gen_partitions=24, shuffle_window=4)
-    dataset = Dataset(open_source(cfg, 0), cfg, 0)
+    dataset = open_dataset(cfg, 0)
     stats = dataset.compute_stats()
     prefetch, batch, window = 16, 2048, cfg.shuffle_window
     stream = Stream(dask_client, dataset.partitions("train"), len(stats.features), 0, 1, prefetch)
