@@ -154,6 +154,7 @@ class OptimConfig:
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
     compression: str = doc("none", "gradient compression for the allreduce: none or fp16")
     reduction: str = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
+    shard: bool = doc(True, "ranks on one host share the parameters and each steps a shard (ZeRO-1 over shared memory)")
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -230,6 +230,11 @@ def shutdown() -> None:
     _buffers.clear()
 
 
+def host_group() -> shm.ShmGroup | None:
+    """The ranks of this host as a shared-memory group, where shared memory carries the gradients."""
+    return _shm if is_distributed() else None
+
+
 def is_distributed() -> bool:
     return _hvd is not None and _hvd.size() > 1
 

@@ -2,11 +2,14 @@
 
 Data-parallel in three marked places (the rest is a plain PyTorch loop):
 
-1. every rank starts from rank 0's parameters (``dist.broadcast_parameters``);
+1. every rank starts from rank 0's parameters (``dist.broadcast_parameters``; on one host, where the
+   ranks share one copy of them, rank 0's are that copy);
 2. each rank's loss is a *sum* over its rows divided by the rows of the whole global batch, and the
    gradients are *summed* across ranks, so the result is the mean over the global batch however the
    batch was cut (uneven last batches included) and equals what one process would compute;
-3. the gradient sum, the loss and the accuracy counts travel in one fused allreduce per step.
+3. the gradient sum, the loss and the accuracy counts travel in one fused allreduce per step; on one
+   host, it stops at the reduce-scatter and each rank updates its shard of the shared parameters
+   (``dtrain/sharded.py``, inside ``optimizer.step()``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtrain
-from dtrain import dist, models
+from dtrain import dist, models, shm
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
@@ -42,6 +45,7 @@ from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, new_files
 from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validate_world
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
+from dtrain.sharded import ShardedOptimizer
 from dtrain.stream import Batch, Stream
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,27 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     if o.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     return torch.optim.Adagrad(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def shard_optimizer(cfg: Config, model: nn.Module, grads: list[torch.Tensor]) -> ShardedOptimizer | None:
+    """The step sharded among this host's ranks over parameters they share (``dtrain/sharded.py``), where
+    it applies: ``--shard``, shared memory carries the gradients, they are summed at every step (not
+    local SGD, Adasum or compressed) and every parameter is trained. None elsewhere (the whole step on
+    every rank). Collective: every rank decides alike and sets up together."""
+    group, o = dist.host_group(), cfg.optim
+    if (group is None or not o.shard or cfg.train.sync_every > 1 or o.reduction != "sum" or o.compression != "none"
+            or not grads or grads[0]._base is None):
+        return None
+    params = list(model.parameters())
+    why = "frozen parameters" if not all(p.requires_grad for p in params) else \
+        ShardedOptimizer.possible(params, grads[0]._base, group.size)
+    if why is None:
+        try:
+            return ShardedOptimizer(group, params, grads[0]._base, lambda ps: make_optimizer(cfg, ps), o.grad_clip)
+        except shm.Unavailable as e:  # every rank learns it at once: all step whole
+            why = str(e)
+    log.info("every rank takes the whole optimizer step: %s", why)
+    return None
 
 
 def _fusable(params: list[Any]) -> bool:
@@ -459,7 +484,16 @@ def run(cfg: Config) -> dict[str, Any]:
         # Model and optimizer: same seed everywhere, then (1) rank 0's parameters win.
         torch.manual_seed(seed)
         model = models.build(cfg.model, len(stats.features), stats.num_outputs).to(device)
-        optimizer = make_optimizer(cfg, model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
+        alone = not dist.is_distributed() and not elastic  # a world of one for good
+        grads, counts = gradient_buffers(params, device, alone)
+        # One host: the ranks share one copy of the parameters, and each steps a shard (rank 0's
+        # parameters are the shared ones); else every rank steps its own copy.
+        sharded = shard_optimizer(cfg, model, grads)
+        optimizer: Any = sharded or make_optimizer(cfg, model.parameters())
+        if sharded is not None:
+            log.info("the %d ranks share the parameters and optimizer state; each steps a shard of them",
+                     dist.size())
         epochs = 1 if online else cfg.train.epochs
 
         # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
@@ -515,9 +549,6 @@ def run(cfg: Config) -> dict[str, Any]:
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.schedule = tuple(resumed.get("schedule", state.schedule))
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
-        params = [p for p in model.parameters() if p.requires_grad]
-        alone = not dist.is_distributed() and not elastic  # a world of one for good
-        grads, counts = gradient_buffers(params, device, alone)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
         # --amp: the forward pass in bfloat16 autocast (no loss scaling needed, unlike float16); on CPU
@@ -567,8 +598,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                   steps_for_samples(plan(Position(), global_batch), epochs, max_samples))
                 state.schedule = (0, 0.0, total_steps, global_batch)
             schedule_start = state.schedule[:2]
-            if not elastic:
-                dist.broadcast_parameters(model)  # elastic runs: state.sync() did this
+            if not elastic and sharded is None:
+                dist.broadcast_parameters(model)  # elastic runs: state.sync() did this; sharded: one copy
 
             def stream(parts: list[Any]) -> Stream:
                 return Stream(client, parts, len(stats.features), rank, world, cfg.data.prefetch, device)
@@ -600,9 +631,11 @@ def run(cfg: Config) -> dict[str, Any]:
                 """Tensors that only ``optimizer.step()`` changes (parameters, optimizer state): an async
                 checkpoint copies them while the next forward and backward run, fenced before the step.
                 Buffers (e.g. batch-norm statistics) change in the forward pass: copied at once."""
-                ptrs = {p.data_ptr() for p in params} | {
-                    v.data_ptr() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)}
-                return lambda t: t.numel() > 0 and t.data_ptr() in ptrs
+                # By storage: sharded, the state dict's tensors are views of the shared ones.
+                ptrs = {p.untyped_storage().data_ptr() for p in params} | {
+                    v.untyped_storage().data_ptr() for st in optimizer.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor)}
+                return lambda t: t.numel() > 0 and t.untyped_storage().data_ptr() in ptrs
 
             def files_done() -> int:
                 assert feed is not None
@@ -699,7 +732,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         or state.global_step + 1 >= total_steps or (last_of_epoch and (follow or epoch_plan.cut))
                     if sync:
                         counts.vote(coord.stop_flag)  # a signal on any rank stops every rank after this step
-                    if not local_sgd:
+                    if not local_sgd and sharded is None:
                         # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
                         t_sync = time.perf_counter()
                         if adasum:
@@ -709,10 +742,16 @@ def run(cfg: Config) -> dict[str, Any]:
                             dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
                         syncs += 1
                         meter.allreduce += time.perf_counter() - t_sync
-                    if cfg.optim.grad_clip:
+                    if cfg.optim.grad_clip and sharded is None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    meter.checkpoint += coord.fence()  # the checkpoint in flight has copied what it deferred
-                    optimizer.step()
+                    # The checkpoint in flight has copied what it deferred (sharded: before any rank
+                    # changes the parameters they share, as no rank steps before every rank is here).
+                    meter.checkpoint += coord.fence()
+                    t_sync = time.perf_counter()
+                    optimizer.step()  # sharded: (3) the gradients' sum with the counts, then this rank's shard
+                    if sharded is not None:
+                        syncs += 1
+                        meter.allreduce += time.perf_counter() - t_sync
                     if local_sgd and sync:
                         # (3') local SGD: average the models every k steps, counts riding along.
                         t_sync = time.perf_counter()
@@ -793,7 +832,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 "final_loss": last_loss, "eval_loss": final_eval.get("eval_loss"),
                 "eval_accuracy": final_eval.get("eval_accuracy"), "eval_r2": final_eval.get("eval_r2"),
                 "model_sha256": hashes[0], "ranks_identical": len(set(hashes)) == 1, "syncs": syncs,
-                "world_size": world,
+                "world_size": world, "sharded_step": sharded is not None,
             }
             if max_samples is not None and state.samples >= max_samples:
                 result["stop_reason"] = "max_samples"

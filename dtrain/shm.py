@@ -19,6 +19,11 @@ backward) only after its call returned, which was after every rank had passed th
 i.e. had finished reading it; and a rank writes its result area again only after every rank has
 marked the *next* call ready, i.e. has finished copying from it.
 
+The sharded sum (``reduce_scatter_``, then ``finish``) stops after step 2: rank ``r`` keeps the sum of
+its shard only, uses it to change its shard of a tensor every rank maps (``shared``: one copy on the
+host, e.g. the parameters), and ``finish`` is a third barrier, after which every shard is changed.
+``dtrain/sharded.py`` builds the optimizer step on it: no allgather, and half the update per rank.
+
 Flags are 8-byte integers, each written by its owner only, and read by the others with plain loads:
 x86-64's ordering of stores (TSO) makes a flag visible after the data written before it, which is
 why ``supported()`` is true only there. A waiting rank spins for a moment, then yields its core (the
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 
 HEADER = 4096  # bytes before the data: this rank's flag, its pid, a magic number; page-aligned data
 MAGIC = 0x64747261696E  # "dtrain": a mapped file that does not hold it is not ours
-_FLAG, _PID, _MAGIC = 0, 1, 2  # int64 slots in the header
+_FLAG, _PID, _MAGIC, _SCALAR = 0, 1, 2, 3  # int64 slots in the header (_SCALAR is read as a float64)
 SPIN_SECONDS = 50e-6  # wait by spinning this long (a peer in lockstep arrives within microseconds) ...
 YIELD_SECONDS = 2e-3  # ... then by yielding the core until this long ...
 SLEEP_FRACTION = 0.05  # ... then by sleeping 5% of the wait so far between looks (at most SLEEP_MAX):
@@ -92,6 +97,7 @@ class Segment:
         finally:
             os.close(fd)
         self.header = memoryview(self._mmap)[:HEADER].cast("q")
+        self.scalars = memoryview(self._mmap)[:HEADER].cast("d")  # the same header, slots read as float64
         if create:
             self.header[_PID] = os.getpid()
             self.header[_MAGIC] = MAGIC
@@ -110,6 +116,7 @@ class Segment:
         # The tensors over the mapping go first: a mapping with live buffer exports cannot be closed.
         del self.data, self.result
         self.header.release()
+        self.scalars.release()
         # A view of the data may still be alive (a parameter's .grad): the mapping then goes with it.
         with contextlib.suppress(BufferError):
             self._mmap.close()
@@ -120,12 +127,25 @@ def shards(numel: int, size: int) -> list[tuple[int, int]]:
     return [(numel * r // size, numel * (r + 1) // size) for r in range(size)]
 
 
+def _sum_into(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """``out`` = the sum of ``inputs``, added in order (so every rank that sums them gets the same bits)."""
+    if not out.numel():
+        return
+    if len(inputs) == 1:
+        out.copy_(inputs[0])
+        return
+    torch.add(inputs[0], inputs[1], out=out)
+    for extra in inputs[2:]:
+        out.add_(extra)
+
+
 class _Channel:
     """The shared files of one buffer on every rank, and the views each call uses, made once."""
 
     def __init__(self, mine: Segment, peers: list[Segment], rank: int):
         self.mine, self.peers = mine, peers  # peers by rank; ``peers[rank] is mine``
-        self.calls = 0
+        self.phase = 0  # barriers passed: each rank's flag counts them, as all ranks pass the same ones
+        self.tail: torch.Tensor | None = None  # a sharded sum's tail, summed, until ``finish`` writes it back
         bounds = shards(mine.numel, len(peers))
         lo, hi = bounds[rank]
         self.inputs = [seg.data[lo:hi] for seg in peers]  # shard ``rank`` of every rank's buffer
@@ -152,14 +172,17 @@ class ShmGroup:
         self._names = itertools.count()
         self._owned: dict[int, Segment] = {}  # data_ptr -> a segment of ``alloc``, not yet reduced
         self._channels: dict[str, _Channel] = {}
+        self._shared: dict[str, Segment] = {}  # key -> a tensor of ``shared``
         atexit.register(self.close)
 
     # -- buffers --------------------------------------------------------------------------------------
 
-    def _segment(self, numel: int, dtype: torch.dtype) -> Segment:
+    def _segment(self, numel: int, dtype: torch.dtype, result: int | None = None) -> Segment:
+        """A new file of this rank's; its result area fits a shard of ``numel`` unless ``result`` is given."""
         path = os.path.join(self._directory, f"dtrain-{self.token}-{self.rank}-{next(self._names)}")
-        bounds = shards(numel, self.size)
-        return Segment(path, numel, max(b - a for a, b in bounds), dtype, create=True)
+        if result is None:
+            result = max(b - a for a, b in shards(numel, self.size))
+        return Segment(path, numel, result, dtype, create=True)
 
     def alloc(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A zeroed 1-D tensor in a shared file of this rank's: reducing it later needs no copy in.
@@ -208,6 +231,38 @@ class ShmGroup:
         channel = self._channels[key] = _Channel(mine, peers, self.rank)
         return channel
 
+    def shared(self, key: str, numel: int, dtype: torch.dtype, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """A 1-D tensor that every rank maps: one copy on the host, a write by any rank seen by all.
+
+        Collective. Holds rank 0's ``fill`` on return (zeros without). Raises ``Unavailable`` on every
+        rank alike when the file cannot be made.
+        """
+        if key in self._shared:
+            raise ValueError(f"a shared tensor {key!r} exists already")
+        seg, error = None, None
+        if self.rank == 0:
+            try:
+                seg = self._segment(numel, dtype, result=0)
+            except OSError as e:
+                error = f"rank 0: cannot create a shared file in {self._directory} ({e})"
+            if seg is not None and fill is not None:
+                seg.data.copy_(fill.reshape(-1))
+        path, error = self._exchange((seg.path if seg else None, error))[0]
+        if error:
+            raise Unavailable(error)
+        if seg is None:
+            seg = Segment(path, numel, 0, dtype, create=False)
+        self._exchange(None)  # every rank has mapped it: the name can go
+        if self.rank == 0:
+            os.unlink(path)
+        self._shared[key] = seg
+        return seg.data
+
+    def prepare(self, buf: torch.Tensor, key: str) -> None:
+        """Set up what reducing ``buf`` under ``key`` needs, now (collective): an error (``Unavailable``) comes
+        here rather than at the first reduction."""
+        self._channel(key, buf)
+
     # -- the collective -------------------------------------------------------------------------------
 
     def allreduce_(self, buf: torch.Tensor, key: str) -> None:
@@ -219,18 +274,10 @@ class ShmGroup:
         staged = buf.data_ptr() != channel.mine.data.data_ptr()
         if staged:
             channel.mine.data.copy_(buf.reshape(-1))
-        channel.calls += 1
-        ready, done = 2 * channel.calls - 1, 2 * channel.calls
-        mine, peers = channel.mine, channel.peers
-
-        mine.header[_FLAG] = ready
-        self._wait(peers, ready)
-        if out.numel():
-            torch.add(inputs[0], inputs[1], out=out)
-            for extra in inputs[2:]:
-                out.add_(extra)
-        mine.header[_FLAG] = done
-        self._wait(peers, done)
+        mine = channel.mine
+        self._arrive(channel)  # every rank's buffer is ready
+        _sum_into(out, inputs)
+        self._arrive(channel)  # every shard is summed
         flat = buf.view(-1) if buf.is_contiguous() else mine.data
         offset = 0
         for shard in summed:
@@ -238,6 +285,53 @@ class ShmGroup:
             offset += shard.numel()
         if not buf.is_contiguous():
             buf.copy_(mine.data.view(buf.shape))
+
+    def reduce_scatter_(self, buf: torch.Tensor, key: str, numel: int) -> tuple[torch.Tensor, int]:
+        """Begin summing ``buf`` across the ranks by shards; ``finish(key)`` ends it. Collective.
+
+        Returns this rank's shard of ``buf[:numel]`` summed over the ranks (in shared memory, valid
+        until the next call under ``key``) and the shard's offset; shard ``r`` of rank ``r`` as
+        ``shards(numel, size)`` cuts them. The tail ``buf[numel:]`` (a few counts) is summed in full on
+        every rank, and written into ``buf`` by ``finish``. Until then, no rank changes ``buf``, and
+        between the two calls the ranks may call ``sum_scalar`` and change what they share: ``finish``
+        returns once every rank has done so.
+        """
+        channel = self._channel(key, buf)
+        if channel.mine.data.data_ptr() != buf.data_ptr():
+            channel.mine.data.copy_(buf.reshape(-1))
+        bounds = shards(numel, self.size)
+        lo, hi = bounds[self.rank]
+        out = channel.mine.result[: hi - lo]
+        self._arrive(channel)  # every rank's buffer is ready
+        _sum_into(out, [seg.data[lo:hi] for seg in channel.peers])
+        tails = [seg.data[numel:] for seg in channel.peers]
+        channel.tail = torch.empty_like(tails[0])
+        _sum_into(channel.tail, tails)
+        return out, lo
+
+    def sum_scalar(self, key: str, value: float) -> float:
+        """The sum of every rank's ``value``, in rank order (the same bits everywhere), between
+        ``reduce_scatter_`` and ``finish`` of ``key``."""
+        channel = self._channels[key]
+        channel.mine.scalars[_SCALAR] = value  # stored before the flag: seen by a peer that sees the flag
+        self._arrive(channel)
+        # A peer writes its slot again only after the next barrier, which this rank reaches after reading.
+        return sum(seg.scalars[_SCALAR] for seg in channel.peers)
+
+    def finish(self, key: str, buf: torch.Tensor) -> None:
+        """End ``reduce_scatter_(buf, key, ...)``: wait until every rank is done, then write the tail's sum."""
+        channel = self._channels[key]
+        self._arrive(channel)
+        tail = channel.tail
+        assert tail is not None, "finish without reduce_scatter_"
+        buf.view(-1)[buf.numel() - tail.numel():].copy_(tail)
+        channel.tail = None
+
+    def _arrive(self, channel: _Channel) -> None:
+        """A barrier of the ranks of ``channel``: this rank's flag counts it, then every peer's is awaited."""
+        channel.phase += 1
+        channel.mine.header[_FLAG] = channel.phase
+        self._wait(channel.peers, channel.phase)
 
     def _wait(self, peers: list[Segment], target: int) -> None:
         """Until every peer's flag reaches ``target``: spin, then yield the core, then sleep."""
@@ -284,6 +378,9 @@ class ShmGroup:
         """Unmap everything, and remove the files of buffers allocated but never reduced."""
         for key in list(self._channels):
             self._drop(key)
+        for seg in self._shared.values():
+            seg.close()
+        self._shared.clear()
         for seg in self._owned.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(seg.path)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dtrain.checkpoint import Checkpointer
+
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
 
 # Small data whose training split is not a multiple of the global batch: the last batch is partial.
@@ -55,6 +57,33 @@ def test_two_ranks_follow_one_process(horovodrun, dtrain_local, tmp_path, optimi
     assert max_rel_diff(load_params(two.run_dir), load_params(one.run_dir)) < 1e-5
     assert two.summary()["ranks_identical"] is True  # byte-identical parameters on every rank
     assert abs(one.summary()["eval_loss"] - two.summary()["eval_loss"]) < 1e-4
+
+
+def test_one_host_shards_the_step_and_checkpoints_the_whole_optimizer(horovodrun, dtrain_local, tmp_path):
+    """dtrain/sharded.py: the ranks of one host share the parameters and each steps a shard. The same
+    training as every rank stepping the whole (--no-shard), clipping included, and checkpoints in the
+    unsharded layout, which one process resumes."""
+    args = [*SMALL, "--optimizer", "adamw", "--lr", "0.003", "--weight-decay", "0.01", "--grad-clip", "0.05",
+            "--epochs", "2"]
+    sharded = horovodrun([*args, "--max-steps", "40"], run_dir=tmp_path / "sharded").check()
+    whole = horovodrun([*args, "--max-steps", "40", "--no-shard"], run_dir=tmp_path / "whole").check()
+    assert sharded.summary()["sharded_step"] is True and whole.summary()["sharded_step"] is False
+    assert max_rel_diff(load_params(sharded.run_dir), load_params(whole.run_dir)) < 1e-5
+    assert sharded.summary()["ranks_identical"] is True
+    states = [Checkpointer(str(r.run_dir / "checkpoints")).latest() for r in (sharded, whole)]
+    (_, mine), (_, theirs) = states
+    assert mine["global_step"] == theirs["global_step"] == 40
+    assert mine["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+    assert mine["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for i, state in theirs["optimizer"]["state"].items():
+        assert mine["optimizer"]["state"][i].keys() == state.keys()
+        for k, v in state.items():
+            torch.testing.assert_close(mine["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-7)
+    # One process goes on from the sharded checkpoint as from the whole one.
+    for r in (sharded, whole):
+        res = dtrain_local([*args, "--max-steps", "60"], run_dir=r.run_dir).check()
+        assert "resuming from" in res.output and res.summary()["steps"] == 60
+    assert max_rel_diff(load_params(sharded.run_dir), load_params(whole.run_dir)) < 1e-4
 
 
 def test_audit_every_row_exactly_once(horovodrun, tmp_path):

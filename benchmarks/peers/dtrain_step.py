@@ -8,7 +8,8 @@ learning rate set per step, the per-step dropout seed (``engine.seed_step``, for
 random numbers: ``models.draws_random``), ``optimizer.zero_grad(set_to_none=alone)``,
 ``engine.forward_backward`` (loss *sum* / global rows), the loss and counts added into ``counts``
 (``engine.StepCounts``), the stop vote, ``dist.allreduce_sum_(grads, uncompressed=[counts.tensor])``
-(one collective), ``optimizer.step()``, ``counts.take()``. Only the Dask stream is left out: each
+(one collective), ``optimizer.step()``, ``counts.take()``; on one host, the sharded step instead
+(``engine.shard_optimizer``: the collective inside ``optimizer.step()``). Only the Dask stream is left out: each
 rank slices its part of every global batch (``plan.rank_slice``) from the same in-memory tensors, so
 this measures the training engine alone. ``dtrain.dist.init()`` applies dtrain's performance
 settings (threads, transport, cycle time).
@@ -25,7 +26,15 @@ from _harness import MODELS, measure, parser, report, synthetic
 
 from dtrain import dist
 from dtrain.config import Config, ModelConfig, OptimConfig
-from dtrain.engine import forward_backward, gradient_buffers, lr_factor, make_optimizer, seed_step, step_seed
+from dtrain.engine import (
+    forward_backward,
+    gradient_buffers,
+    lr_factor,
+    make_optimizer,
+    seed_step,
+    shard_optimizer,
+    step_seed,
+)
 from dtrain.models import draws_random, mlp
 from dtrain.plan import rank_slice
 from dtrain.stream import Batch
@@ -41,11 +50,13 @@ def main() -> None:
 
     torch.manual_seed(seed)
     model = mlp(inputs, outputs, cfg.model.hidden, cfg.model.dropout).to(device)
-    optimizer = make_optimizer(cfg, model.parameters())
-    dist.broadcast_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     alone = not dist.is_distributed()
     grads, counts = gradient_buffers(params, device, alone)
+    sharded = shard_optimizer(cfg, model, grads)
+    optimizer = sharded or make_optimizer(cfg, model.parameters())
+    if sharded is None:
+        dist.broadcast_parameters(model)
     random_forward = draws_random(model)
 
     x, y = synthetic(args.rows, args.model, seed)
@@ -71,15 +82,18 @@ def main() -> None:
         counts.add(loss, right, batch.rows)
         counts.vote(0.0)  # the stop vote
         t0 = time.perf_counter()
-        dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
-        allreduce_s += time.perf_counter() - t0
-        optimizer.step()
+        if sharded is None:
+            dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
+            allreduce_s += time.perf_counter() - t0
+        optimizer.step()  # sharded: the gradients' sum too
+        if sharded is not None:
+            allreduce_s += time.perf_counter() - t0
         global_step += 1
         _loss_sum, _right, _rows, _votes = counts.take()
 
     rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
     report("dtrain_step", args, rates, world, rank,
-           transport=dist.transport(),
+           transport=dist.transport(), sharded=sharded is not None,
            allreduce_ms_per_step=1e3 * allreduce_s / max(global_step, 1))
     dist.shutdown()
 

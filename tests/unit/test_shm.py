@@ -6,7 +6,6 @@ import itertools
 import multiprocessing
 import os
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -14,30 +13,10 @@ import torch
 
 from dtrain import shm
 
+from shm_ranks import group as _group, run as _run  # isort: skip
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120),
               pytest.mark.skipif(not shm.supported(), reason="shared-memory allreduce needs x86-64 Linux")]
-
-
-def _exchange(directory: Path, rank: int, size: int):
-    """An allgather through files: enough to let the ranks agree on names, as Horovod's does in dtrain."""
-    rounds = iter(range(10**6))
-
-    def exchange(obj):
-        n = next(rounds)
-        (directory / f"x{n}-{rank}.tmp").write_bytes(pickle.dumps(obj))
-        os.replace(directory / f"x{n}-{rank}.tmp", directory / f"x{n}-{rank}")
-        paths = [directory / f"x{n}-{r}" for r in range(size)]
-        while not all(p.exists() for p in paths):
-            time.sleep(0.001)
-        return [pickle.loads(p.read_bytes()) for p in paths]
-
-    return exchange
-
-
-def _group(directory: Path, rank: int, size: int) -> shm.ShmGroup:
-    (directory / "ex").mkdir(exist_ok=True)
-    (directory / "shm").mkdir(exist_ok=True)
-    return shm.ShmGroup(rank, size, "test", _exchange(directory / "ex", rank, size), directory=str(directory / "shm"))
 
 
 def _value(rank: int, numel: int, dtype: torch.dtype, call: int) -> torch.Tensor:
@@ -74,18 +53,6 @@ def _sums(rank: int, size: int, directory: str, out) -> None:
     leftover = sorted(os.listdir(Path(directory) / "shm"))
     group.close()
     out.put(pickle.dumps((rank, results, leftover)))  # plain pickle: torch's queue pickler shares fds
-
-
-def _run(size: int, target, tmp_path: Path, *extra) -> list:
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, size, str(tmp_path), out, *extra)) for r in range(size)]
-    for p in procs:
-        p.start()
-    results = [pickle.loads(out.get(timeout=100)) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    return sorted(results, key=lambda r: r[0])
 
 
 def test_every_rank_gets_the_exact_sum_with_the_same_bits(tmp_path):
