@@ -59,16 +59,27 @@ class ShardedOptimizer:
         self._key = f"{name}-grads"
         self._numel = sum(p.numel() for p in self._params)
         self._offsets = [sum(p.numel() for p in self._params[:i]) for i in range(len(self._params))]
-        group.prepare(buffer, self._key)  # a full /dev/shm fails here, on every rank, not at a step
-        flat = group.shared(f"{name}-params", self._numel, torch.float32,
-                            torch.cat([p.detach().reshape(-1) for p in self._params]))
+        # Everything shared is made before the model changes: a full /dev/shm fails here, on every
+        # rank alike, and leaves the parameters as they were (the caller then steps them whole).
+        group.prepare(buffer, self._key)
+        made: list[str] = []
+        try:
+            flat = group.shared(f"{name}-params", self._numel, torch.float32,
+                                torch.cat([p.detach().reshape(-1) for p in self._params]))
+            made.append(f"{name}-params")
+            self._moments: dict[str, torch.Tensor] = {}  # state key -> the whole tensor in shared memory
+            for k, dtype in _moment_keys(make).items():
+                self._moments[k] = group.shared(f"{name}-{k}", self._numel, dtype)
+                made.append(f"{name}-{k}")
+        except shm.Unavailable:
+            for key in made:
+                group.unshare(key)
+            raise
         for p, offset in zip(self._params, self._offsets, strict=True):
             p.data = flat[offset : offset + p.numel()].view_as(p)
         self._lo, self._hi = shm.shards(self._numel, group.size)[group.rank]
         self._shard = torch.nn.Parameter(flat[self._lo : self._hi])
         self._inner = make([self._shard])
-        # State key -> the whole tensor in shared memory, made now: a full /dev/shm fails here, not at a step.
-        self._moments = {k: group.shared(f"{name}-{k}", self._numel, dtype) for k, dtype in _moment_keys(make).items()}
         self._share_state()
 
     @staticmethod

@@ -258,6 +258,10 @@ class ShmGroup:
         self._shared[key] = seg
         return seg.data
 
+    def unshare(self, key: str) -> None:
+        """Unmap the tensor ``shared`` made under ``key`` (local; its memory goes with the last mapping)."""
+        self._shared.pop(key).close()
+
     def prepare(self, buf: torch.Tensor, key: str) -> None:
         """Set up what reducing ``buf`` under ``key`` needs, now (collective): an error (``Unavailable``) comes
         here rather than at the first reduction."""

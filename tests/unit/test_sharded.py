@@ -212,3 +212,27 @@ def test_no_room_for_shared_files_fails_at_setup_on_every_rank(tmp_path):
         ShardedOptimizer(group, params, buffer, lambda ps: _make("sgd", ps))
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # the model is untouched
     group.close()
+
+
+def test_a_failure_after_some_shared_files_leaves_nothing_shared(tmp_path):
+    # The moments' file cannot be made after the parameters' was: the parameters stay the model's own.
+    group = shm.ShmGroup(0, 1, "test", lambda obj: [obj], directory=str(tmp_path))
+    model = _model()
+    params = list(model.parameters())
+    buffer = group.alloc(sum(p.numel() for p in params) + 4)
+    _attach(params, buffer)
+    made = group._segment
+    calls = iter(range(100))
+
+    def failing_third(*args: Any, **kwargs: Any) -> shm.Segment:
+        if next(calls) == 1:  # the first file made here is the parameters', the second a moment's
+            raise OSError(28, "No space left on device")
+        return made(*args, **kwargs)
+
+    group._segment = failing_third  # type: ignore[method-assign]
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    with pytest.raises(shm.Unavailable, match="No space left"):
+        ShardedOptimizer(group, params, buffer, lambda ps: _make("sgd", ps))
+    assert {p.untyped_storage().data_ptr() for p in params} == storages
+    assert not group._shared
+    group.close()
