@@ -136,7 +136,6 @@ def main() -> None:
             t0 = time.perf_counter()
             stats = dataset.compute_stats()
             stats_s = time.perf_counter() - t0
-            # pyarrow first: the first Stream tunes malloc for the whole process (dtrain.stream).
             arrow = best(lambda: bench_pyarrow(files, stats, args.batch, args.epochs, args.shuffle_window,
                                                max(p or 256 for p in prefetches) // 2), args.repeat)
             streams = {f"stream prefetch={pf or 'auto'}": best(functools.partial(

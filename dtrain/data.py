@@ -661,9 +661,11 @@ def take_from(parts: list[Arrays], idxs: list[np.ndarray]) -> Arrays:
     start = 0
     for p, i in zip(parts, idxs, strict=True):
         rows = slice(start, start + len(i))
-        np.take(p.x, i, axis=0, out=out.x[rows])
-        np.take(p.y, i, out=out.y[rows])
-        np.take(p.row_id, i, out=out.row_id[rows])
+        # mode="clip": numpy takes with the default mode="raise" into a temporary buffer, then copies
+        # it into ``out``. The plan's indexes are in range by construction.
+        np.take(p.x, i, axis=0, out=out.x[rows], mode="clip")
+        np.take(p.y, i, out=out.y[rows], mode="clip")
+        np.take(p.row_id, i, out=out.row_id[rows], mode="clip")
         start += len(i)
     return out
 

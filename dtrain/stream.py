@@ -68,7 +68,11 @@ def _mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     18% fewer samples/s for 2 ranks of the 2048-wide MLP on 2 cores.
     """
     count = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 1)), dtype=dtype, count=count).reshape(shape)
+    # Private (Python's default is a shared mapping, whose pages cost more to fault in), and populated
+    # by the kernel in one call rather than one fault per page: 6-8 ms against 11-12 to fill 8 MB.
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=flags), dtype=dtype,
+                         count=count).reshape(shape)
 
 
 @dataclass
