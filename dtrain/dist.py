@@ -426,10 +426,13 @@ def broadcast_object(obj: T, root: int = 0, name: str = "object") -> T:
     return result
 
 
-def broadcast_parameters(module: torch.nn.Module, root: int = 0) -> None:
-    """Make every rank's parameters and buffers equal to rank ``root``'s."""
+def broadcast_parameters(module: torch.nn.Module, root: int = 0, buffers_only: bool = False) -> None:
+    """Make every rank's parameters and buffers equal to rank ``root``'s (``buffers_only``: the
+    parameters are one copy that the ranks share, ``dtrain.sharded``)."""
     if is_distributed():
-        _hvd.broadcast_parameters(module.state_dict(), root_rank=root)
+        tensors = dict(module.named_buffers()) if buffers_only else module.state_dict()
+        if tensors:
+            _hvd.broadcast_parameters(tensors, root_rank=root)
 
 
 def barrier() -> None:

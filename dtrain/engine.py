@@ -535,6 +535,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                     schedule=(0, 0.0, 0, 0))
         if resumed is not None:
             try:
+                # Sharded, every rank writes the same bytes into the one shared copy: loading on rank 0
+                # alone would let another rank's first forward pass read it half loaded.
                 model.load_state_dict(resumed["model"])
                 optimizer.load_state_dict(resumed["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
@@ -598,8 +600,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                   steps_for_samples(plan(Position(), global_batch), epochs, max_samples))
                 state.schedule = (0, 0.0, total_steps, global_batch)
             schedule_start = state.schedule[:2]
-            if not elastic and sharded is None:
-                dist.broadcast_parameters(model)  # elastic runs: state.sync() did this; sharded: one copy
+            if not elastic:  # elastic runs: state.sync() did this
+                dist.broadcast_parameters(model, buffers_only=sharded is not None)
 
             def stream(parts: list[Any]) -> Stream:
                 return Stream(client, parts, len(stats.features), rank, world, cfg.data.prefetch, device)

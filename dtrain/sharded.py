@@ -54,9 +54,11 @@ class ShardedOptimizer:
 
     def __init__(self, group: shm.ShmGroup, params: Sequence[torch.nn.Parameter], buffer: torch.Tensor,
                  make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], clip: float | None = None,
-                 name: str = "sharded"):
+                 name: str = "sharded", key: str = "grads"):
         self._group, self._params, self._buffer, self._clip = group, list(params), buffer, clip
-        self._key = f"{name}-grads"
+        # The buffer's channel: the allreduce's own (dtrain.dist sums it under "grads"), so that whole
+        # steps after a failure here reuse the files already mapped, with no copy.
+        self._key = key
         self._numel = sum(p.numel() for p in self._params)
         self._offsets = [sum(p.numel() for p in self._params[:i]) for i in range(len(self._params))]
         # Everything shared is made before the model changes: a full /dev/shm fails here, on every
@@ -64,8 +66,8 @@ class ShardedOptimizer:
         group.prepare(buffer, self._key)
         made: list[str] = []
         try:
-            flat = group.shared(f"{name}-params", self._numel, torch.float32,
-                                torch.cat([p.detach().reshape(-1) for p in self._params]))
+            fill = torch.cat([p.detach().reshape(-1) for p in self._params]) if group.rank == 0 else None
+            flat = group.shared(f"{name}-params", self._numel, torch.float32, fill)
             made.append(f"{name}-params")
             self._moments: dict[str, torch.Tensor] = {}  # state key -> the whole tensor in shared memory
             for k, dtype in _moment_keys(make).items():
@@ -124,7 +126,7 @@ class ShardedOptimizer:
             # As clip_grad_norm_: the 2-norm of all gradients, scaled down to the limit when above it.
             total = math.sqrt(group.sum_scalar(self._key, float(torch.linalg.vector_norm(summed)) ** 2))
             factor = self._clip / (total + 1e-6)
-            if factor < 1.0:
+            if not factor >= 1.0:  # NaN too: as clip_grad_norm_, a non-finite norm makes the gradients NaN
                 summed.mul_(factor)
         self._inner.step()
         self._share_state()
@@ -153,7 +155,7 @@ class ShardedOptimizer:
         shard_state: dict[str, Any] = {}
         if any(i in saved for i in ids):
             for k, v in saved[ids[0]].items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0:  # one value per element: this shard's
+                if k in self._moments:  # one value per element: this shard's
                     parts = [saved[i][k] for i in ids]
                     if any(t.numel() != p.numel() for t, p in zip(parts, self._params, strict=True)):
                         raise ValueError(f"the optimizer state {k!r} does not fit this model's parameters")

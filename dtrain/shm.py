@@ -22,7 +22,7 @@ marked the *next* call ready, i.e. has finished copying from it.
 The sharded sum (``reduce_scatter_``, then ``finish``) stops after step 2: rank ``r`` keeps the sum of
 its shard only, uses it to change its shard of a tensor every rank maps (``shared``: one copy on the
 host, e.g. the parameters), and ``finish`` is a third barrier, after which every shard is changed.
-``dtrain/sharded.py`` builds the optimizer step on it: no allgather, and half the update per rank.
+``dtrain/sharded.py`` builds the optimizer step on it: no allgather, and 1/size of the update per rank.
 
 Flags are 8-byte integers, each written by its owner only, and read by the others with plain loads:
 x86-64's ordering of stores (TSO) makes a flag visible after the data written before it, which is
@@ -113,13 +113,13 @@ class Segment:
         return int(self.header[_PID])
 
     def close(self) -> None:
-        # The tensors over the mapping go first: a mapping with live buffer exports cannot be closed.
+        """Drop this segment's references to the mapping. Not ``mmap.close()``: tensors made by
+        ``torch.frombuffer`` hold the mmap object, not a buffer export, so closing it would unmap
+        memory they still view (a parameter, its ``.grad``); the mapping goes with the last of them."""
         del self.data, self.result
         self.header.release()
         self.scalars.release()
-        # A view of the data may still be alive (a parameter's .grad): the mapping then goes with it.
-        with contextlib.suppress(BufferError):
-            self._mmap.close()
+        del self._mmap
 
 
 def shards(numel: int, size: int) -> list[tuple[int, int]]:
@@ -251,10 +251,18 @@ class ShmGroup:
         if error:
             raise Unavailable(error)
         if seg is None:
-            seg = Segment(path, numel, 0, dtype, create=False)
-        self._exchange(None)  # every rank has mapped it: the name can go
+            try:
+                seg = Segment(path, numel, 0, dtype, create=False)
+            except (OSError, ValueError) as e:
+                error = f"rank {self.rank}: cannot map {path} ({e})"
+        errors = [e for e in self._exchange(error) if e]  # every rank has mapped it, or says why not
         if self.rank == 0:
-            os.unlink(path)
+            os.unlink(path)  # the name can go
+        if errors:
+            if seg is not None:
+                seg.close()
+            raise Unavailable(errors[0])
+        assert seg is not None
         self._shared[key] = seg
         return seg.data
 

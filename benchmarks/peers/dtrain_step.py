@@ -55,8 +55,7 @@ def main() -> None:
     grads, counts = gradient_buffers(params, device, alone)
     sharded = shard_optimizer(cfg, model, grads)
     optimizer = sharded or make_optimizer(cfg, model.parameters())
-    if sharded is None:
-        dist.broadcast_parameters(model)
+    dist.broadcast_parameters(model, buffers_only=sharded is not None)
     random_forward = draws_random(model)
 
     x, y = synthetic(args.rows, args.model, seed)

@@ -121,3 +121,16 @@ def test_shards_cover_the_buffer_in_order():
             assert bounds[0][0] == 0 and bounds[-1][1] == numel
             assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_closing_the_group_leaves_tensors_that_view_its_files_valid(tmp_path):
+    # The model's parameters are views of a shared file: the group's close must not unmap them.
+    group = shm.ShmGroup(0, 1, "test", lambda obj: [obj], directory=str(tmp_path))
+    shared = group.shared("params", 1000, torch.float32, torch.arange(1000.0))
+    grads = group.alloc(1000)
+    group.prepare(grads, "grads")
+    group.close()
+    shared.add_(1.0)
+    grads.fill_(2.0)
+    assert float(shared.sum()) == sum(range(1, 1001)) and float(grads.sum()) == 2000.0
+    assert not list(tmp_path.iterdir())  # the names went as soon as mapped
