@@ -228,8 +228,18 @@ class Stream:
                 y = torch.from_numpy(_mapped((req.total,), y_dtype))
             rid = _mapped((req.total,), np.dtype(np.int64))
             xn, yn = x.numpy(), y.numpy()
-            for part, (_, idx) in zip(parts, req.takes, strict=True):
-                xn[idx], yn[idx], rid[idx] = part.x, part.y, part.row_id
+            if len(parts) == 1:
+                # One worker cut every row: take them into plan order (3-4x faster than the indexed
+                # assignment below, 1.1 against 3-4 ms for 65k rows of 32 features).
+                (part,), ((_, idx),) = parts, req.takes
+                order = np.empty_like(idx)
+                order[idx] = np.arange(len(idx))
+                np.take(part.x, order, axis=0, out=xn, mode="clip")
+                np.take(part.y, order, out=yn, mode="clip")
+                np.take(part.row_id, order, out=rid, mode="clip")
+            else:
+                for part, (_, idx) in zip(parts, req.takes, strict=True):
+                    xn[idx], yn[idx], rid[idx] = part.x, part.y, part.row_id
             return _Rows(x, y, rid)
         finally:
             req.release()

@@ -245,6 +245,11 @@ def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client:
     for b in batches:
         pos = plan.rank_batch(b.step, 2, 1)
         assert b.rows == len(pos) and b.global_rows == plan.batch_rows(b.step)
+    # The same rows, in the same order, as one worker's (whose requests are gathered differently).
+    one_worker = Stream(dask_client, ds.partitions("train"), len(stats.features), 1, 2, prefetch=6)
+    for a, b in zip(one_worker.batches(plan), batches, strict=True):
+        np.testing.assert_array_equal(a.row_id, b.row_id)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     ids = np.concatenate([b.row_id for b in batches])
     assert len(set(ids.tolist())) == len(ids) == sum(len(plan.rank_batch(s, 2, 1)) for s in range(plan.num_steps))
     tasks = [(str(t["key"]), t["worker"]) for t in ts.data]
