@@ -65,8 +65,12 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.row_id)
 
-    def take(self, idx: np.ndarray) -> Arrays:
-        return Arrays(self.x[idx], self.y[idx], self.row_id[idx])
+    def take_into(self, idx: np.ndarray, out: Arrays) -> None:
+        """Rows ``idx`` written straight into ``out`` (as many rows). ``mode="clip"``: with its default
+        mode numpy takes into a temporary buffer, then copies it; the plan's indexes are in range."""
+        np.take(self.x, idx, axis=0, out=out.x, mode="clip")
+        np.take(self.y, idx, out=out.y, mode="clip")
+        np.take(self.row_id, idx, out=out.row_id, mode="clip")
 
 
 @dataclass
@@ -661,11 +665,7 @@ def take_from(parts: list[Arrays], idxs: list[np.ndarray]) -> Arrays:
     start = 0
     for p, i in zip(parts, idxs, strict=True):
         rows = slice(start, start + len(i))
-        # mode="clip": numpy takes with the default mode="raise" into a temporary buffer, then copies
-        # it into ``out``. The plan's indexes are in range by construction.
-        np.take(p.x, i, axis=0, out=out.x[rows], mode="clip")
-        np.take(p.y, i, out=out.y[rows], mode="clip")
-        np.take(p.row_id, i, out=out.row_id[rows], mode="clip")
+        p.take_into(i, Arrays(out.x[rows], out.y[rows], out.row_id[rows]))
         start += len(i)
     return out
 

@@ -48,6 +48,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -139,12 +140,24 @@ def _sum_into(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         out.add_(extra)
 
 
+@dataclass
+class _Scatter:
+    """The views a sharded sum of a channel uses (``reduce_scatter_``), made once."""
+
+    lo: int  # this rank's shard starts here
+    out: torch.Tensor  # where this rank sums its shard
+    inputs: list[torch.Tensor]  # this rank's shard of every rank's buffer
+    tails: list[torch.Tensor]  # every rank's tail
+    tail: torch.Tensor  # where this rank sums the tails
+
+
 class _Channel:
     """The shared files of one buffer on every rank, and the views each call uses, made once."""
 
     def __init__(self, mine: Segment, peers: list[Segment], rank: int):
         self.mine, self.peers = mine, peers  # peers by rank; ``peers[rank] is mine``
         self.phase = 0  # barriers passed: each rank's flag counts them, as all ranks pass the same ones
+        self.scatters: dict[int, _Scatter] = {}  # sharded sums, by the elements sharded
         self.tail: torch.Tensor | None = None  # a sharded sum's tail, summed, until ``finish`` writes it back
         bounds = shards(mine.numel, len(peers))
         lo, hi = bounds[rank]
@@ -311,15 +324,18 @@ class ShmGroup:
         channel = self._channel(key, buf)
         if channel.mine.data.data_ptr() != buf.data_ptr():
             channel.mine.data.copy_(buf.reshape(-1))
-        bounds = shards(numel, self.size)
-        lo, hi = bounds[self.rank]
-        out = channel.mine.result[: hi - lo]
+        views = channel.scatters.get(numel)
+        if views is None:
+            lo, hi = shards(numel, self.size)[self.rank]
+            tails = [seg.data[numel:] for seg in channel.peers]
+            views = channel.scatters[numel] = _Scatter(lo, channel.mine.result[: hi - lo],
+                                                       [seg.data[lo:hi] for seg in channel.peers], tails,
+                                                       torch.empty_like(tails[0]))
         self._arrive(channel)  # every rank's buffer is ready
-        _sum_into(out, [seg.data[lo:hi] for seg in channel.peers])
-        tails = [seg.data[numel:] for seg in channel.peers]
-        channel.tail = torch.empty_like(tails[0])
-        _sum_into(channel.tail, tails)
-        return out, lo
+        _sum_into(views.out, views.inputs)
+        _sum_into(views.tail, views.tails)
+        channel.tail = views.tail
+        return views.out, views.lo
 
     def sum_scalar(self, key: str, value: float) -> float:
         """The sum of every rank's ``value``, in rank order (the same bits everywhere), between

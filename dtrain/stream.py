@@ -234,9 +234,7 @@ class Stream:
                 (part,), ((_, idx),) = parts, req.takes
                 order = np.empty_like(idx)
                 order[idx] = np.arange(len(idx))
-                np.take(part.x, order, axis=0, out=xn, mode="clip")
-                np.take(part.y, order, out=yn, mode="clip")
-                np.take(part.row_id, order, out=rid, mode="clip")
+                part.take_into(order, Arrays(xn, yn, rid))
             else:
                 for part, (_, idx) in zip(parts, req.takes, strict=True):
                     xn[idx], yn[idx], rid[idx] = part.x, part.y, part.row_id
