@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster
 
 from dtrain import datagen
+from dtrain.cluster import worker_environment
 from dtrain.config import DataConfig
 from dtrain.data import Dataset, Stats, open_dataset
 from dtrain.plan import EpochPlan, group_by_partition
@@ -129,8 +130,10 @@ def main() -> None:
             datagen.write(data, args.rows, args.features, 10, args.partitions)
         gen_s = time.perf_counter() - t0
         files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(".parquet"))
-        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0",
-                          host="127.0.0.1") as cluster, Client(cluster) as client:
+        with worker_environment():  # the workers' malloc settings of dtrain's own clusters
+            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0",
+                                   host="127.0.0.1")
+        with cluster, Client(cluster) as client:
             cfg = DataConfig(data=data)
             dataset = open_dataset(cfg, 0)
             t0 = time.perf_counter()

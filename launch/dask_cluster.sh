@@ -87,6 +87,8 @@ done
 [ -s "$scheduler_file" ] || die "the scheduler did not start within 60 s; see $dir/scheduler.log"
 address=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["address"])' "$scheduler_file")
 
+# glibc's malloc settings of dtrain's workers (see WORKER_MALLOC in dtrain/cluster.py); the caller's own win.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-33554432} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-67108864}
 for i in $(seq 1 "$workers"); do
   "$dask" worker "$address" --nthreads "$nthreads" --memory-limit "$memory" --name "local-$i" \
     >"$dir/worker-$i.log" 2>&1 &

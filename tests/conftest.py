@@ -108,8 +108,12 @@ def dask_client() -> Iterator[Any]:
     """A real in-machine Dask cluster (separate worker process) for cluster tests."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-                      host="127.0.0.1") as cluster, Client(cluster) as client:
+    from dtrain.cluster import worker_environment
+
+    with worker_environment():  # the workers as dtrain starts its own
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                               host="127.0.0.1")
+    with cluster, Client(cluster) as client:
         yield client
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -262,6 +263,48 @@ def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client:
 
 
 # -- other sources ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_embedded_cluster_starts_its_workers_with_dtrain_malloc_settings() -> None:
+    """WORKER_MALLOC reaches the workers' environment before they start; a variable set by the user wins."""
+    from unittest import mock
+
+    from distributed import Client
+
+    from dtrain.cluster import WORKER_MALLOC, _local_cluster
+    from dtrain.config import ClusterConfig
+
+    ours, users = list(WORKER_MALLOC)
+    with mock.patch.dict(os.environ, {users: "1234"}):  # this process's environment restored after
+        os.environ.pop(ours, None)
+        with _local_cluster(ClusterConfig(dask_workers=1)) as cluster, Client(cluster, set_as_default=False) as client:
+            seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
+    assert list(seen.values()) == [{ours: str(WORKER_MALLOC[ours]), users: "1234"}]
+
+
+@pytest.mark.cluster
+def test_dask_cluster_sh_starts_workers_with_dtrains_malloc_settings(tmp_path: Path) -> None:
+    """A real scheduler and worker from the script: its address on stdout, WORKER_MALLOC in the worker."""
+    from distributed import Client
+
+    from dtrain.cluster import WORKER_MALLOC
+
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_MALLOC and k != "DTRAIN_VENV"}
+    script = Path(__file__).resolve().parents[1] / "launch" / "dask_cluster.sh"
+    cmd = [str(script), "-n", "1", "--host", "127.0.0.1", "--port", "0", "--dashboard-port", "0",
+           "--dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        with Client(address, set_as_default=False, timeout=30) as client:
+            seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
+        assert list(seen.values()) == [{k: str(v) for k, v in WORKER_MALLOC.items()}]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143  # stopped by SIGTERM, its scheduler and worker with it
 
 
 def _write_sources(df: pd.DataFrame, tmp: Path) -> dict[str, dict[str, Any]]:

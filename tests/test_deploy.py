@@ -465,6 +465,15 @@ def test_one_image_for_every_container(rendered: dict[str, list[dict[str, Any]]]
     assert images == {"dtrain:cuda" if overlay.endswith("gpu") else "dtrain:cpu"}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dask_workers_get_dtrains_malloc_settings(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    from dtrain.cluster import WORKER_MALLOC
+
+    worker = pod_specs(one(rendered[overlay], "Deployment", "dtrain-dask-worker"))["dtrain-dask-worker"]
+    env = {e["name"]: e.get("value") for e in worker["containers"][0].get("env", [])}
+    assert {k: env.get(k) for k in WORKER_MALLOC} == {k: str(v) for k, v in WORKER_MALLOC.items()}
+
+
 def test_cpu_overlay_pins_cores(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["overlays/cpu"]
     mpijob = one(objects, "MPIJob")
