@@ -88,10 +88,15 @@ def bench_pyarrow(files: list[str], stats: Stats, batch: int, epochs: int, windo
     return {"rows": rows, "seconds": wall, "samples_per_sec": rows / wall}
 
 
-def best(run: Callable[[], dict[str, Any]], repeat: int) -> dict[str, Any]:
-    results = [run() for _ in range(max(1, repeat))]
-    return {**max(results, key=lambda r: r["samples_per_sec"]), "all_samples_per_sec": [r["samples_per_sec"]
-                                                                                       for r in results]}
+def alternated(runs: dict[str, Callable[[], dict[str, Any]]], repeat: int) -> dict[str, dict[str, Any]]:
+    """Each contender ``repeat`` times, taking turns (a burst of load from elsewhere falls on all alike):
+    its fastest run, with every run's samples/s in ``all_samples_per_sec``."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(max(1, repeat)):
+        for name, run in runs.items():
+            results[name].append(run())
+    return {name: {**max(rs, key=lambda r: r["samples_per_sec"]),
+                   "all_samples_per_sec": [r["samples_per_sec"] for r in rs]} for name, rs in results.items()}
 
 
 def real_run_stall(data: str, batch: int, run_dir: str) -> dict[str, Any]:
@@ -118,7 +123,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="Dask workers (processes)")
     ap.add_argument("--threads", type=int, default=2, help="threads per Dask worker")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest counts (shared machines)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each, alternated; the table shows the fastest (shared machines)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     prefetches = [None if p == "auto" else int(p) for p in str(args.prefetch).split(",")]
@@ -139,22 +145,27 @@ def main() -> None:
             t0 = time.perf_counter()
             stats = dataset.compute_stats()
             stats_s = time.perf_counter() - t0
-            arrow = best(lambda: bench_pyarrow(files, stats, args.batch, args.epochs, args.shuffle_window,
-                                               max(p or 256 for p in prefetches) // 2), args.repeat)
-            streams = {f"stream prefetch={pf or 'auto'}": best(functools.partial(
-                bench_stream, client, dataset, stats, args.batch, pf, args.epochs, args.shuffle_window), args.repeat)
+            contenders: dict[str, Callable[[], dict[str, Any]]] = {
+                f"stream prefetch={pf or 'auto'}": functools.partial(
+                    bench_stream, client, dataset, stats, args.batch, pf, args.epochs, args.shuffle_window)
                 for pf in prefetches}
+            contenders["pyarrow in-process"] = functools.partial(
+                bench_pyarrow, files, stats, args.batch, args.epochs, args.shuffle_window,
+                max(p or 256 for p in prefetches) // 2)
+            runs = alternated(contenders, args.repeat)
         stall = real_run_stall(data, args.batch, os.path.join(tmp, "run"))
 
-    runs = {**streams, "pyarrow in-process": arrow}
+    arrow = runs["pyarrow in-process"]
     result = {"config": vars(args), "datagen_seconds": gen_s, "stats_seconds": stats_s,
               "runs": runs, "real_run": stall}
-    print(f"{'path':<24} {'rows':>10} {'seconds':>8} {'samples/s':>12} {'vs pyarrow':>10}")
+    arrow_median = float(np.median(arrow["all_samples_per_sec"]))
+    print(f"{'path':<24} {'rows':>10} {'best (s)':>8} {'best samples/s':>15} {'median':>12} {'vs pyarrow':>10}")
     for name, r in runs.items():
-        ratio = r["samples_per_sec"] / arrow["samples_per_sec"]
-        print(f"{name:<24} {r['rows']:>10} {r['seconds']:>8.2f} {r['samples_per_sec']:>12,.0f} {ratio:>10.2f}")
-    print(f"(datagen {gen_s:.1f}s, statistics pass {stats_s:.1f}s, batch {args.batch}, {args.partitions} partitions, "
-          f"shuffle window {args.shuffle_window})")
+        median = float(np.median(r["all_samples_per_sec"]))
+        print(f"{name:<24} {r['rows']:>10} {r['seconds']:>8.2f} {r['samples_per_sec']:>15,.0f} {median:>12,.0f} "
+              f"{median / arrow_median:>10.2f}")
+    print(f"(medians of {args.repeat} alternated runs; datagen {gen_s:.1f}s, statistics pass {stats_s:.1f}s, "
+          f"batch {args.batch}, {args.partitions} partitions, shuffle window {args.shuffle_window})")
     print(f"real run (python -m dtrain, 1 rank, default MLP, one epoch): waits for data "
           f"{100 * stall['data_stall_median']:.1f}% of step time (median of {stall['lines']} metrics lines), "
           f"{stall['samples_per_sec_median']:,.0f} samples/s")

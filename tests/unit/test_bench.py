@@ -69,7 +69,9 @@ def test_ratio_and_target_checks():
     assert bench.check("a / b", 0.94, 0.95)["met"] is False
     assert bench.check("a / b", None, 0.95)["met"] is None  # a failed contender: no verdict
     assert bench.check("a / b", 0.5, None) == {"name": "a / b", "ratio": 0.5, "target": None, "met": None,
-                                               "best_ratio": None}
+                                               "best_ratio": None, "bound": ">="}
+    assert bench.check("a / b", 0.05, 0.05, at_most=True)["met"] is True  # a ceiling, inclusive too
+    assert bench.check("a / b", 0.06, 0.05, at_most=True)["met"] is False
     assert bench.check("a / b", 0.9, 0.95, best=1.1)["best_ratio"] == 1.1  # the best runs: information only
 
 
@@ -128,6 +130,29 @@ def test_targets_collects_every_targeted_ratio_and_renders_a_verdict_table():
     assert "dtrain step / bare" in table and ">= 0.95" in table and "MET" in table
     assert "0.952" in table and "0.918" in table
     json.dumps(report)  # the report is JSON as it is
+
+
+def test_targets_of_the_benchmark_scripts_json():
+    b4 = {"runs": {"stream prefetch=auto": {"all_samples_per_sec": [900.0, 700.0, 800.0]},
+                   "stream prefetch=8": {"all_samples_per_sec": [10.0]},
+                   "pyarrow in-process": {"all_samples_per_sec": [1000.0, 1200.0]}},
+          "real_run": {"data_stall_median": 0.07}}
+    b5 = {"ratio_async_to_sync": 0.001}
+    report = {"benchmarks": {"B4": {"status": "ok", "result": b4}, "B5": {"status": "ok", "result": b5},
+                             "B6": {"status": "ok", "result": {"recovery_s": 0.4}},
+                             "B3": {"status": "failed"}}}
+    items = {(t["benchmark"], t["name"]): t for t in bench.targets(report)}
+    assert set(items) == {("B4", "stream / pyarrow"), ("B4", "data stall of step time"),
+                          ("B5", "async blocking / sync save")}
+    stream = items["B4", "stream / pyarrow"]
+    assert stream["ratio"] == 800.0 / 1100.0 and stream["best_ratio"] == 900.0 / 1200.0 and stream["met"] is False
+    stall = items["B4", "data stall of step time"]
+    assert stall["bound"] == "<=" and stall["target"] == 0.05 and stall["met"] is False  # 7% is too much
+    assert items["B5", "async blocking / sync save"]["met"] is True
+    table = bench.render_targets(list(items.values()))
+    assert "<= 0.05" in table and ">= 0.80" in table and "NOT MET" in table
+    # A script whose JSON lacks the numbers: a target without a verdict, not a crash.
+    assert [t["met"] for t in bench.script_targets("B4", {})] == [None, None]
 
 
 def test_contenders_of_each_comparison(tmp_path):
