@@ -32,3 +32,19 @@ def test_quick_ceiling_benchmark_runs_every_contender(tmp_path):
     (target,) = report["targets"]
     assert target["name"] == "dtrain step / bare" and target["target"] == 0.8 and target["met"] in (True, False)
     assert "target >= 0.80" in proc.stdout and "targets (" in proc.stdout
+
+
+def test_paired_overhead_run_times_both_steps_in_one_process():
+    """B1's paired contender: dtrain's step and the bare loop alternated, a ratio per pair of windows."""
+    from dtrain.bench import parse_result
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers" / "paired.py"), "--model", "small",
+                           "--warmup", "2", "--windows", "3", "--window-seconds", "0.2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = parse_result(proc.stdout)
+    assert result is not None and result["contender"] == "paired" and result["world_size"] == 1
+    ours, theirs, ratios = result["samples_per_sec"], result["bare_samples_per_sec"], result["paired_ratios"]
+    assert len(ours) == len(theirs) == len(ratios) == 3 and min(ours + theirs) > 0
+    assert ratios == [a / b for a, b in zip(ours, theirs, strict=True)]
+    assert result["transport"] == "none" and result["sharded"] is False

@@ -90,6 +90,36 @@ def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Names
     return rates
 
 
+def measure_paired(first: Callable[[], Any], second: Callable[[], Any], samples_per_step: int,
+                   args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Samples/s of two steps in one process, timed in alternating windows of the same number of steps
+    (the order swapped every window): ``args.windows`` pairs.
+
+    On a machine whose speed swings from one process to the next (as this 2-core VM's does, up to 2x),
+    two processes' medians compare the swings as much as the steps; windows paired in one process see
+    the same machine, so their ratio is the steps' own.
+    """
+    for f in (first, second):
+        for _ in range(args.warmup):
+            f()
+    per_step = []
+    for f in (first, second):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            f()
+        per_step.append(max((time.perf_counter() - t0) / 3, 1e-6))
+    steps = int(min(args.max_steps, max(2, args.window_seconds / max(per_step))))
+    rates: tuple[list[float], list[float]] = ([], [])
+    for w in range(args.windows):
+        for i in ((0, 1) if w % 2 == 0 else (1, 0)):
+            f = (first, second)[i]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f()
+            rates[i].append(steps * samples_per_step / (time.perf_counter() - t0))
+    return rates
+
+
 def report(contender: str, args: argparse.Namespace, rates: list[float], world: int, rank: int,
            **extra: Any) -> None:
     if rank != 0:

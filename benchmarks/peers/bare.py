@@ -8,19 +8,17 @@ could at best reach). Batches are views sliced from in-memory tensors: no loader
 
 from __future__ import annotations
 
+import argparse
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from _harness import build_model, measure, parser, report, synthetic
 
 
-def main() -> None:
-    ap = parser(__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def make_step(args: argparse.Namespace) -> Callable[[], None]:
+    """One bare training step per call (model, optimizer and data made here): also B1's paired run."""
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -35,7 +33,16 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    rates = measure(step, b, args)
+    return step
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rates = measure(make_step(args), args.global_batch, args)
     report("bare", args, rates, world=1, rank=0)
 
 

@@ -17,8 +17,11 @@ settings (threads, transport, cycle time).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +43,9 @@ from dtrain.plan import rank_slice
 from dtrain.stream import Batch
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    dist.init()
+def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], dict[str, Any]]]:
+    """dtrain's training step per call (model, optimizer and data made here; ``dist.init()`` done), and
+    what to report about it once measured. Also B1's paired run."""
     rank, world = dist.rank(), dist.size()
     inputs, hidden, outputs = MODELS[args.model]
     cfg = Config(model=ModelConfig(hidden=hidden), optim=OptimConfig(optimizer="sgd", lr=args.lr, momentum=0.9))
@@ -90,10 +93,19 @@ def main() -> None:
         global_step += 1
         _loss_sum, _right, _rows, _votes = counts.take()
 
-    rates = measure(step, b, args, agree=dist.broadcast_object, sync=dist.barrier)
-    report("dtrain_step", args, rates, world, rank,
-           transport=dist.transport(), sharded=sharded is not None,
-           allreduce_ms_per_step=1e3 * allreduce_s / max(global_step, 1))
+    def info() -> dict[str, Any]:
+        return {"transport": dist.transport(), "sharded": sharded is not None,
+                "allreduce_ms_per_step": 1e3 * allreduce_s / max(global_step, 1)}
+
+    return step, info
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    dist.init()
+    step, info = make_step(args)
+    rates = measure(step, args.global_batch, args, agree=dist.broadcast_object, sync=dist.barrier)
+    report("dtrain_step", args, rates, dist.size(), dist.rank(), **info())
     dist.shutdown()
 
 

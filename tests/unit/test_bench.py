@@ -132,6 +132,16 @@ def test_targets_collects_every_targeted_ratio_and_renders_a_verdict_table():
     json.dumps(report)  # the report is JSON as it is
 
 
+def test_paired_ratio_is_the_median_of_every_window_pair():
+    runs = [Run("p", 100.0, extra={"paired_ratios": [0.9, 1.0, 1.1]}), Run("p", 100.0, extra={"paired_ratios": [0.96]}),
+            Run("p", None, error="exit 1")]
+    summary = {**bench.summarize(runs), "extra": [r.extra for r in runs]}
+    assert bench.paired_ratio(summary) == (pytest.approx(0.98), 1.0)  # median of 0.9, 0.96, 1.0, 1.1; best run 1.0
+    (c,) = bench.compare({"p": summary, "bare": {"samples_per_sec": 50.0}}, [RatioSpec("p", "bare", 0.95, paired=True)])
+    assert c["name"] == "p / bare, paired in one process" and c["ratio"] == pytest.approx(0.98) and c["met"] is True
+    assert bench.paired_ratio({}) == (None, None)  # every run failed: no verdict
+
+
 def test_targets_of_the_benchmark_scripts_json():
     b4 = {"runs": {"stream prefetch=auto": {"all_samples_per_sec": [900.0, 700.0, 800.0]},
                    "stream prefetch=8": {"all_samples_per_sec": [10.0]},
@@ -177,9 +187,11 @@ def test_contenders_of_each_comparison(tmp_path):
     assert "horovod example" in full_cs
     assert full_cs["dtrain step gloo"].env == {"DTRAIN_ALLREDUCE": "torch"}  # the transport's worth, beside it
     cs1, _, specs1 = bench.contenders("B1", "small", o)
-    assert [c.name for c in cs1] == ["bare", "dtrain step", "dtrain e2e"]
-    assert "horovodrun" not in cs1[1].cmd
-    assert [s.target for s in specs1 if s.target] == [0.95]
+    assert [c.name for c in cs1] == ["bare", "dtrain step", "dtrain step, paired", "dtrain e2e"]
+    assert "horovodrun" not in cs1[1].cmd and cs1[2].cmd[2:4] == ["--model", "small"]
+    assert cs1[2].cmd[1].endswith("peers/paired.py") and cs1[2].env == {"X": "1"}
+    assert [(s.name, s.target) for s in specs1 if s.target] == [("dtrain step, paired / bare, paired in one process",
+                                                                 0.95)]
     assert [s.target for s in bench.contenders("B3", "small", o)[2] if s.target] == [0.8]
 
 
