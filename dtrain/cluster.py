@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import dask
@@ -26,16 +27,30 @@ log = logging.getLogger(__name__)
 # fault in, then unmapped when freed. Preparing 32 partitions of 31k rows took 306 ms of CPU against 74
 # with these values (glibc's own adaptive ceiling), and the worker of benchmarks/stream_bench.py 0.95 s
 # per pass against 0.6, for 1.2x the samples/s; its memory settles ~130 MB higher and stays there.
-# The environment's own values, where set, win (Dask's precedence).
+# A variable exported in the environment wins (Dask's precedence); Dask configuration of these keys does not.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}
 
 
-def worker_environment() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def worker_environment() -> Iterator[None]:
     """Dask's configuration under which a Nanny made inside it starts its worker with WORKER_MALLOC.
 
-    glibc reads these once, when the process starts, so they are Dask's pre-spawn environment.
+    glibc reads these once, when the process starts, so they are Dask's pre-spawn environment. A Nanny
+    writes that environment into this process's own before it spawns (and keeps it for restarts): it
+    is taken back on exit, so that what this process starts later (a rank, a test's job) does not
+    inherit the workers' settings, nor Dask's ``OMP_NUM_THREADS=1``.
     """
-    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()})
+    before = dict(os.environ)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}):
+            yield
+    finally:
+        for key in set(os.environ) | set(before):
+            if os.environ.get(key) != before.get(key):
+                if key in before:
+                    os.environ[key] = before[key]
+                else:
+                    del os.environ[key]
 
 
 def _local_cluster(cfg: ClusterConfig) -> LocalCluster:

@@ -267,7 +267,8 @@ def test_stream_sends_one_task_per_worker_where_the_partitions_live(dask_client:
 
 @pytest.mark.cluster
 def test_embedded_cluster_starts_its_workers_with_dtrain_malloc_settings() -> None:
-    """WORKER_MALLOC reaches the workers' environment before they start; a variable set by the user wins."""
+    """WORKER_MALLOC reaches the workers' environment before they start; a variable set by the user wins;
+    this process's own environment (what a rank starts later inherits) is left as it was."""
     from unittest import mock
 
     from distributed import Client
@@ -276,35 +277,45 @@ def test_embedded_cluster_starts_its_workers_with_dtrain_malloc_settings() -> No
     from dtrain.config import ClusterConfig
 
     ours, users = list(WORKER_MALLOC)
-    with mock.patch.dict(os.environ, {users: "1234"}):  # this process's environment restored after
+    names = [*WORKER_MALLOC, "OMP_NUM_THREADS"]  # Dask's pre-spawn environment sets that one too
+    with mock.patch.dict(os.environ, {users: "1234"}):  # restored after, whatever happens
         os.environ.pop(ours, None)
+        os.environ.pop("OMP_NUM_THREADS", None)
         with _local_cluster(ClusterConfig(dask_workers=1)) as cluster, Client(cluster, set_as_default=False) as client:
-            seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
-    assert list(seen.values()) == [{ours: str(WORKER_MALLOC[ours]), users: "1234"}]
+            here = {k: os.environ.get(k) for k in names}
+            seen = client.run(lambda: {k: os.environ.get(k) for k in names})
+    assert list(seen.values()) == [{ours: str(WORKER_MALLOC[ours]), users: "1234", "OMP_NUM_THREADS": "1"}]
+    assert here == {ours: None, users: "1234", "OMP_NUM_THREADS": None}
 
 
 @pytest.mark.cluster
 def test_dask_cluster_sh_starts_workers_with_dtrains_malloc_settings(tmp_path: Path) -> None:
-    """A real scheduler and worker from the script: its address on stdout, WORKER_MALLOC in the worker."""
+    """A real scheduler and worker from the script: its address on stdout, WORKER_MALLOC in the worker
+    unless the caller exported a value of its own."""
     from distributed import Client
 
     from dtrain.cluster import WORKER_MALLOC
 
+    ours, users = list(WORKER_MALLOC)
     env = {k: v for k, v in os.environ.items() if k not in WORKER_MALLOC and k != "DTRAIN_VENV"}
+    env[users] = "1234"
     script = Path(__file__).resolve().parents[1] / "launch" / "dask_cluster.sh"
     cmd = [str(script), "-n", "1", "--host", "127.0.0.1", "--port", "0", "--dashboard-port", "0",
-           "--dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+           "--dir", str(tmp_path / "dask")]
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         assert proc.stdout is not None
         address = proc.stdout.readline().strip()
-        assert address.startswith("tcp://127.0.0.1:"), address
+        assert address.startswith("tcp://127.0.0.1:"), (tmp_path / "stderr").read_text()[-2000:]
         with Client(address, set_as_default=False, timeout=30) as client:
             seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC})
-        assert list(seen.values()) == [{k: str(v) for k, v in WORKER_MALLOC.items()}]
+        assert list(seen.values()) == [{ours: str(WORKER_MALLOC[ours]), users: "1234"}]
     finally:
+        running = proc.poll() is None
         proc.terminate()
-        assert proc.wait(timeout=60) == 143  # stopped by SIGTERM, its scheduler and worker with it
+        code = proc.wait(timeout=60)
+    assert running and code == 143  # stopped by SIGTERM, its scheduler and worker with it
 
 
 def _write_sources(df: pd.DataFrame, tmp: Path) -> dict[str, dict[str, Any]]:
