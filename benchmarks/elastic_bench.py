@@ -90,8 +90,12 @@ def main() -> None:
     args = ap.parse_args()
     from distributed import LocalCluster
 
+    from dtrain.cluster import worker_environment
+
     results = []
-    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0", host="127.0.0.1") as cluster:
+    with worker_environment():  # the workers' malloc settings of dtrain's own clusters
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0", host="127.0.0.1")
+    with cluster:
         for i in range(args.repeat):
             with tempfile.TemporaryDirectory() as d:
                 r = one_recovery(cluster.scheduler_address, Path(d), args)

@@ -89,12 +89,14 @@ def bench_pyarrow(files: list[str], stats: Stats, batch: int, epochs: int, windo
 
 
 def alternated(runs: dict[str, Callable[[], dict[str, Any]]], repeat: int) -> dict[str, dict[str, Any]]:
-    """Each contender ``repeat`` times, taking turns (a burst of load from elsewhere falls on all alike):
-    its fastest run, with every run's samples/s in ``all_samples_per_sec``."""
+    """Each contender ``repeat`` times, taking turns in an order rotated every repeat (a burst of load
+    from elsewhere, or what the one before leaves to free, falls on all alike): its fastest run, with
+    every run's samples/s in ``all_samples_per_sec``."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    for _ in range(max(1, repeat)):
-        for name, run in runs.items():
-            results[name].append(run())
+    names = list(runs)
+    for r in range(max(1, repeat)):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            results[name].append(runs[name]())
     return {name: {**max(rs, key=lambda r: r["samples_per_sec"]),
                    "all_samples_per_sec": [r["samples_per_sec"] for r in rs]} for name, rs in results.items()}
 

@@ -175,7 +175,9 @@ class RatioSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.numerator} / {self.denominator}" + (", paired in one process" if self.paired else "")
+        if self.paired:  # the contender "dtrain step, paired": "dtrain step / bare, paired in one process"
+            return f"{self.numerator.removesuffix(', paired')} / {self.denominator}, paired in one process"
+        return f"{self.numerator} / {self.denominator}"
 
 
 def paired_ratio(summary: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -244,7 +246,8 @@ def render_comparison(comp: dict[str, Any]) -> str:
     out = [f"{comp['benchmark']} {comp['title']}: model {comp['model']} ({MODELS.get(comp['model'], '?')}), "
            f"global batch {comp['global_batch']}", format_table(headers, rows)]
     for c in comp["ratios"]:
-        goal = f"target >= {c['target']:.2f}: {verdict(c['met'])}" if c["target"] is not None else "(info)"
+        goal = (f"target {c.get('bound', '>=')} {c['target']:.2f}: {verdict(c['met'])}" if c["target"] is not None
+                else "(info)")
         best = f" (best runs: {_num(c['best_ratio'], 3)})" if c.get("best_ratio") is not None else ""
         out.append(f"  {c['name']} = {_num(c['ratio'], 3)}{best}  {goal}")
     for name, s in comp["contenders"].items():
@@ -281,8 +284,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             for c in comp["ratios"]:
                 if c["target"] is not None:
                     out.append({**c, "benchmark": comp["benchmark"], "model": comp["model"]})
-        if b.get("status") == "ok":
-            out += [{**c, "benchmark": bench, "model": "-"} for c in script_targets(bench, b.get("result", {}))]
+        if "comparisons" not in b:  # a script's: a failed one still shows its targets, without a verdict
+            result = b.get("result", {}) if b.get("status") == "ok" else {}
+            out += [{**c, "benchmark": bench, "model": "-"} for c in script_targets(bench, result)]
     return out
 
 
@@ -552,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         o = Options(repeats, args.quick, args.global_batch, models, dict(args.dtrain_env), workdir, horovodrun)
         report = run(selected, o)
     if report["targets"]:
-        print("targets (dtrain's median samples/s over the other's; load 1-min avg "
+        print("targets (ratios of medians of samples/s, fractions of time; load 1-min avg "
               f"{report['load_start'][0]:.1f} at start, {report['load_end'][0]:.1f} at end):")
         print(render_targets(report["targets"]))
     if args.json:

@@ -93,7 +93,8 @@ def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Names
 def measure_paired(first: Callable[[], Any], second: Callable[[], Any], samples_per_step: int,
                    args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """Samples/s of two steps in one process, timed in alternating windows of the same number of steps
-    (the order swapped every window): ``args.windows`` pairs.
+    (the order swapped every window, over an even number of pairs: ``args.windows`` rounded up, so
+    that each step goes first as often as the other).
 
     On a machine whose speed swings from one process to the next (as this 2-core VM's does, up to 2x),
     two processes' medians compare the swings as much as the steps; windows paired in one process see
@@ -110,7 +111,7 @@ def measure_paired(first: Callable[[], Any], second: Callable[[], Any], samples_
         per_step.append(max((time.perf_counter() - t0) / 3, 1e-6))
     steps = int(min(args.max_steps, max(2, args.window_seconds / max(per_step))))
     rates: tuple[list[float], list[float]] = ([], [])
-    for w in range(args.windows):
+    for w in range(args.windows + args.windows % 2):
         for i in ((0, 1) if w % 2 == 0 else (1, 0)):
             f = (first, second)[i]
             t0 = time.perf_counter()

@@ -149,8 +149,7 @@ def test_targets_of_the_benchmark_scripts_json():
           "real_run": {"data_stall_median": 0.07}}
     b5 = {"ratio_async_to_sync": 0.001}
     report = {"benchmarks": {"B4": {"status": "ok", "result": b4}, "B5": {"status": "ok", "result": b5},
-                             "B6": {"status": "ok", "result": {"recovery_s": 0.4}},
-                             "B3": {"status": "failed"}}}
+                             "B6": {"status": "ok", "result": {"recovery_s": 0.4}}}}
     items = {(t["benchmark"], t["name"]): t for t in bench.targets(report)}
     assert set(items) == {("B4", "stream / pyarrow"), ("B4", "data stall of step time"),
                           ("B5", "async blocking / sync save")}
@@ -163,6 +162,10 @@ def test_targets_of_the_benchmark_scripts_json():
     assert "<= 0.05" in table and ">= 0.80" in table and "NOT MET" in table
     # A script whose JSON lacks the numbers: a target without a verdict, not a crash.
     assert [t["met"] for t in bench.script_targets("B4", {})] == [None, None]
+    # A script that failed keeps its rows in the verdict table, without a verdict (never silently dropped).
+    failed = bench.targets({"benchmarks": {"B5": {"status": "failed"}, "B6": {"status": "failed"}}})
+    assert [(t["benchmark"], t["met"]) for t in failed] == [("B5", None)]
+    assert "n/a" in bench.render_targets(failed)
 
 
 def test_contenders_of_each_comparison(tmp_path):
@@ -190,8 +193,7 @@ def test_contenders_of_each_comparison(tmp_path):
     assert [c.name for c in cs1] == ["bare", "dtrain step", "dtrain step, paired", "dtrain e2e"]
     assert "horovodrun" not in cs1[1].cmd and cs1[2].cmd[2:4] == ["--model", "small"]
     assert cs1[2].cmd[1].endswith("peers/paired.py") and cs1[2].env == {"X": "1"}
-    assert [(s.name, s.target) for s in specs1 if s.target] == [("dtrain step, paired / bare, paired in one process",
-                                                                 0.95)]
+    assert [(s.name, s.target) for s in specs1 if s.target] == [("dtrain step / bare, paired in one process", 0.95)]
     assert [s.target for s in bench.contenders("B3", "small", o)[2] if s.target] == [0.8]
 
 
