@@ -142,6 +142,20 @@ class Coordinator:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, handler)
 
+    def save_and_stop(self, save: Callable[[], None]) -> int:
+        """After stopping on a signal: ``save``, wait for every write, then restore the handlers; returns
+        the exit status (128 + the signal).
+
+        The handlers stay installed while saving: a rank stopped by another's vote may get its own
+        signal only now (horovodrun signals the ranks one after the other, and a step takes a
+        millisecond), and the default action would kill rank 0 mid-save. The handler only notes a first
+        signal; a second one still stops the process at once.
+        """
+        save()
+        self.close()
+        self.restore_signal_handlers()
+        return 128 + (self.signal or signal.SIGTERM)
+
     def restore_signal_handlers(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

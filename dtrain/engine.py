@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -815,12 +814,10 @@ def run(cfg: Config) -> dict[str, Any]:
             if meter.rows:
                 last_loss = meter.loss / meter.rows
             if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
-                coord.restore_signal_handlers()
-                checkpoint(sync=True)
-                coord.close()
+                status = coord.save_and_stop(lambda: checkpoint(sync=True))
                 log.warning("stopped at step %d; checkpoint saved in %s", state.global_step, coord.location)
                 run_dir.close()
-                raise SystemExit(128 + (coord.signal or signal.SIGTERM))
+                raise SystemExit(status)
             if final_eval is None:
                 if feed is not None:  # every file's held-out rows, the files read at start and since
                     entries = [f for seg in feed.segments for f in seg]
