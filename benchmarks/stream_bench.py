@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster
 
 from dtrain import datagen
+from dtrain.bench import rotation
 from dtrain.cluster import worker_environment
 from dtrain.config import DataConfig
 from dtrain.data import Dataset, Stats, open_dataset
@@ -93,9 +94,8 @@ def alternated(runs: dict[str, Callable[[], dict[str, Any]]], repeat: int) -> di
     from elsewhere, or what the one before leaves to free, falls on all alike): its fastest run, with
     every run's samples/s in ``all_samples_per_sec``."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    names = list(runs)
     for r in range(max(1, repeat)):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotation(list(runs), r):
             results[name].append(runs[name]())
     return {name: {**max(rs, key=lambda r: r["samples_per_sec"]),
                    "all_samples_per_sec": [r["samples_per_sec"] for r in rs]} for name, rs in results.items()}

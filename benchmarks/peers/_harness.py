@@ -71,23 +71,32 @@ def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Names
     0's number is used everywhere (``agree``, a broadcast). ``sync`` (a barrier) lines the ranks up
     before the first window.
     """
-    for _ in range(args.warmup):
-        step()
-    probe = 3
-    t0 = time.perf_counter()
-    for _ in range(probe):
-        step()
-    per_step = max((time.perf_counter() - t0) / probe, 1e-6)
-    steps = agree(int(min(args.max_steps, max(2, args.window_seconds / per_step))))
+    steps = agree(_steps_per_window([step], args))
     if sync is not None:
         sync()
-    rates = []
-    for _ in range(args.windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    return [_window(step, steps, samples_per_step) for _ in range(args.windows)]
+
+
+def _steps_per_window(steps: list[Callable[[], Any]], args: argparse.Namespace) -> int:
+    """Steps that make a window of about ``args.window_seconds`` for the slowest of ``steps``, each
+    warmed up first (``args.warmup`` untimed steps), then timed over a 3-step probe."""
+    per_step = []
+    for step in steps:
+        for _ in range(args.warmup):
             step()
-        rates.append(steps * samples_per_step / (time.perf_counter() - t0))
-    return rates
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        per_step.append(max((time.perf_counter() - t0) / 3, 1e-6))
+    return int(min(args.max_steps, max(2, args.window_seconds / max(per_step))))
+
+
+def _window(step: Callable[[], Any], steps: int, samples_per_step: int) -> float:
+    """Samples/s of ``steps`` consecutive calls of ``step``."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * samples_per_step / (time.perf_counter() - t0)
 
 
 def measure_paired(first: Callable[[], Any], second: Callable[[], Any], samples_per_step: int,
@@ -100,24 +109,11 @@ def measure_paired(first: Callable[[], Any], second: Callable[[], Any], samples_
     two processes' medians compare the swings as much as the steps; windows paired in one process see
     the same machine, so their ratio is the steps' own.
     """
-    for f in (first, second):
-        for _ in range(args.warmup):
-            f()
-    per_step = []
-    for f in (first, second):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            f()
-        per_step.append(max((time.perf_counter() - t0) / 3, 1e-6))
-    steps = int(min(args.max_steps, max(2, args.window_seconds / max(per_step))))
+    steps = _steps_per_window([first, second], args)
     rates: tuple[list[float], list[float]] = ([], [])
     for w in range(args.windows + args.windows % 2):
         for i in ((0, 1) if w % 2 == 0 else (1, 0)):
-            f = (first, second)[i]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                f()
-            rates[i].append(steps * samples_per_step / (time.perf_counter() - t0))
+            rates[i].append(_window((first, second)[i], steps, samples_per_step))
     return rates
 
 
