@@ -43,7 +43,8 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 LAUNCH = REPO / "launch"
-CRD_PATH = REPO / ".." / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+SCHEMAS = REPO / "tests" / "schemas"  # vendored CRDs: see tests/schemas/README.md
+CRD_PATH = SCHEMAS / "kubeflow.org_mpijobs.yaml"
 # Kubernetes version whose API schemas the built-in objects must satisfy.
 K8S_VERSION = "1.30"
 OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/elastic"]
