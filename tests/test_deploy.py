@@ -1,7 +1,8 @@
 """Deployment files checked offline: Dockerfile, k8s/ manifests, launch/ scripts.
 
-The manifests are rendered with tests/kustomize_lite.py (no kubectl), validated against the Kubernetes
-API schemas of a pinned version (kubernetes-validate) and the MPIJob CRD (jsonschema), and held to the
+The manifests are rendered with kubectl's kustomize (launch/setup.sh installs kubectl into the venv),
+validated against the Kubernetes API schemas of a pinned version (kubernetes-validate) and the vendored
+CRDs of tests/schemas (jsonschema), and held to the
 code: every ``python -m dtrain`` command parses with dtrain's own CLI, every ``horovodrun`` and ``dask``
 command with those tools' own parsers, and addresses, paths and names agree across objects.
 """
@@ -33,11 +34,6 @@ import yaml
 from dtrain.cli import build_parser, parse_config
 from dtrain.config import Config
 
-try:  # tests/ as a package (rootdir on sys.path) or as a plain directory (tests/ on sys.path)
-    from tests import kustomize_lite
-except ImportError:
-    import kustomize_lite  # type: ignore[no-redef]
-
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +52,24 @@ DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 # ---- helpers -------------------------------------------------------------------------------------------
 
 
+def find_kubectl() -> str:
+    """The venv's kubectl (installed by launch/setup.sh), else one on PATH."""
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    found = str(venv_kubectl) if os.access(venv_kubectl, os.X_OK) else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("no kubectl to render k8s/ with; run launch/setup.sh (it installs one into the venv)")
+    return found
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    result = run([find_kubectl(), "kustomize", str(path)])
+    assert result.returncode == 0, f"kubectl kustomize {path}: {result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {name: kustomize_lite.build(K8S / name) for name in OVERLAYS}
+    return {name: kustomize(K8S / name) for name in OVERLAYS}
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -242,30 +253,19 @@ def test_overlay_renders_expected_objects(rendered: dict[str, list[dict[str, Any
         assert "namespace" not in o["metadata"], "leave the namespace to kubectl -n / a kustomization"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kustomize_lite_agrees_with_kubectl(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
-    """Where kubectl is installed, its kustomize renders the same objects as kustomize_lite."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed; kustomize_lite alone renders the overlays")
-    result = run([kubectl, "kustomize", str(K8S / overlay)])
+def test_kubectl_kustomize_is_current() -> None:
+    """Components and patches with targets need kustomize v5 (kubectl 1.27 and later)."""
+    result = run([find_kubectl(), "version", "--client", "-o", "json"])
     assert result.returncode == 0, result.stderr
-    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
-    real = sorted((d for d in yaml.safe_load_all(result.stdout) if d), key=key)
-    assert real == sorted(rendered[overlay], key=key)
+    version = json.loads(result.stdout)["kustomizeVersion"]
+    assert int(version.lstrip("v").split(".")[0]) >= 5, f"kustomize {version} is too old; run launch/setup.sh"
 
 
-def test_kustomize_lite_refuses_what_it_does_not_render(tmp_path: Path) -> None:
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
-    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\nnamePrefix: x-\n")
-    with pytest.raises(kustomize_lite.KustomizeError, match="unsupported"):
-        kustomize_lite.build(tmp_path)
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [cm.yaml]\npatches:\n- patch: '[{op: add, path: /data, value: {}}]'\n"
-        "  target: {kind: ConfigMap, name: b}\n"
-    )
-    with pytest.raises(kustomize_lite.KustomizeError, match="matches no resource"):
-        kustomize_lite.build(tmp_path)
+def test_kustomize_refuses_broken_kustomizations(tmp_path: Path) -> None:
+    """A kustomization that does not build fails the rendering, it is not skipped."""
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(AssertionError, match=r"missing\.yaml"):
+        kustomize(tmp_path)
 
 
 def test_kubernetes_version_is_shipped_by_kubernetes_validate() -> None:
