@@ -759,6 +759,10 @@ def test_trainjob_runtime_is_an_mpi_runtime_trainer_can_run(
     assert not [e for e in trainer.get("env", []) if e["name"].startswith("OMPI_")]
     for role, pod in pod_specs(runtime, objects).items():
         assert pod.get("restartPolicy") in ("OnFailure", "Never"), f"{role}: a Job's pods cannot restart Always"
+        # Trainer adds the volumes mpi-ssh-auth and mpi-hostfile, mounted at the ssh path and /etc/mpi.
+        assert not {v["name"] for v in pod.get("volumes", [])} & {"mpi-ssh-auth", "mpi-hostfile"}, role
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+        assert not [m for m in mounts if m.startswith(("/etc/mpi", mpi["sshAuthMountPath"]))], role
 
 
 def autoscaler_bound_errors(objects: list[dict[str, Any]]) -> list[str]:
