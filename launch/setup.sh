@@ -10,10 +10,10 @@
 #   DTRAIN_VENV          venv path (default <repo>/.venv)
 #   DTRAIN_CACHE_DIR     wheel cache (default ${XDG_CACHE_HOME:-~/.cache}/dtrain)
 #   DTRAIN_WITH_NCCL=1   build Horovod with NCCL GPU operations (needs CUDA and a CUDA torch)
-#   DTRAIN_EXTRAS        pip extras for dtrain (default dev)
+#   DTRAIN_EXTRAS        pip extras for dtrain (default dev; dev also puts kubectl into the venv)
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -2,9 +2,11 @@
 
 The manifests are rendered with kubectl's kustomize (launch/setup.sh installs kubectl into the venv),
 validated against the Kubernetes API schemas of a pinned version (kubernetes-validate) and the vendored
-CRDs of tests/schemas (jsonschema), and held to the
-code: every ``python -m dtrain`` command parses with dtrain's own CLI, every ``horovodrun`` and ``dask``
-command with those tools' own parsers, and addresses, paths and names agree across objects.
+CRDs of tests/schemas (jsonschema), and held to the code: every ``python -m dtrain`` command parses
+with dtrain's own CLI, every ``horovodrun`` and ``dask`` command with those tools' own parsers, and
+addresses, paths and names agree across objects. Custom objects are checked as their operators will
+run them: a TrainJob through the pods Trainer v2 makes of it and its runtime, a DaskCluster through
+the Deployments and Service the Dask operator makes of it.
 """
 
 from __future__ import annotations
@@ -384,8 +386,12 @@ def test_kubectl_kustomize_is_current() -> None:
     """Components and patches with targets need kustomize v5 (kubectl 1.27 and later)."""
     result = run([find_kubectl(), "version", "--client", "-o", "json"])
     assert result.returncode == 0, result.stderr
-    version = json.loads(result.stdout)["kustomizeVersion"]
+    versions = json.loads(result.stdout)
+    version = versions["kustomizeVersion"]
     assert int(version.lstrip("v").split(".")[0]) >= 5, f"kustomize {version} is too old; run launch/setup.sh"
+    if Path(find_kubectl()).parent == Path(sys.executable).parent:  # the one launch/setup.sh pins
+        pinned = re.search(r"^KUBECTL_VERSION=(\S+)$", (LAUNCH / "setup.sh").read_text(), re.M)
+        assert pinned and versions["clientVersion"]["gitVersion"] == f"v{pinned.group(1)}"
 
 
 def test_kustomize_refuses_broken_kustomizations(tmp_path: Path) -> None:
