@@ -51,8 +51,9 @@ CRDS = {
     ("kubernetes.dask.org/v1", "DaskCluster"): "kubernetes.dask.org_daskclusters.yaml",
     ("kubernetes.dask.org/v1", "DaskAutoscaler"): "kubernetes.dask.org_daskautoscalers.yaml",
 }
-# Kubernetes version whose API schemas the built-in objects must satisfy.
-K8S_VERSION = "1.30"
+# Kubernetes version whose API schemas the built-in objects must satisfy: the oldest of the three minor
+# releases upstream supports (1.35-1.37 as kubernetes-validate ships them at the end of 2026).
+K8S_VERSION = "1.35"
 TRAINJOB_OVERLAYS = ["overlays/trainjob", "overlays/trainjob-dask-operator"]
 DASK_OPERATOR_OVERLAYS = ["overlays/dask-operator", "overlays/trainjob-dask-operator"]
 OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/elastic", "overlays/dask-operator",
