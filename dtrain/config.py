@@ -14,17 +14,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
-
-
-class ConfigError(UserError):
-    """An invalid configuration value; ``flag`` is the command-line spelling of the field."""
-
-    def __init__(self, name: str, message: str):
-        self.flag = "--" + name.replace("_", "-")
-        super().__init__(f"{self.flag}: {message}")
+# Re-exported: they were defined here first, and callers import them from here.
+from dtrain.errors import ConfigError as ConfigError
+from dtrain.errors import UserError as UserError
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:

@@ -29,6 +29,8 @@ from _harness import MODELS, measure, parser, report, synthetic
 
 from dtrain import dist
 from dtrain.config import Config, ModelConfig, OptimConfig
+from dtrain.data.plan import rank_slice
+from dtrain.data.stream import Batch
 from dtrain.engine import (
     forward_backward,
     gradient_buffers,
@@ -39,8 +41,6 @@ from dtrain.engine import (
     step_seed,
 )
 from dtrain.models import draws_random, mlp
-from dtrain.plan import rank_slice
-from dtrain.stream import Batch
 
 
 def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], dict[str, Any]]]:

@@ -1,4 +1,4 @@
-"""--follow's pure logic (dtrain/follow.py), the row limit of --max-samples (dtrain/plan.py) and the
+"""--follow's pure logic (dtrain/data/follow.py), the row limit of --max-samples (dtrain/data/plan.py) and the
 configuration checks of both: no cluster, no files."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from dtrain import cli
 from dtrain.config import Config, ConfigError, DataConfig, TrainConfig
-from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, ignored, new_files, number_rows
-from dtrain.plan import EpochPlan, Position, limited, steps_for_samples
+from dtrain.data.follow import Feed, FileEntry, FileInfo, arrival_order, ignored, new_files, number_rows
+from dtrain.data.plan import EpochPlan, Position, limited, steps_for_samples
 
 pytestmark = pytest.mark.unit
 
