@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from distributed import Client, LocalCluster
 
-from dtrain import datagen
-from dtrain.bench import rotation
 from dtrain.cluster import worker_environment
 from dtrain.config import DataConfig
 from dtrain.data import Dataset, Stats, open_dataset
 from dtrain.data.plan import EpochPlan, group_by_partition
 from dtrain.data.stream import Stream, rank_positions
-from dtrain.report import read_metrics
+from dtrain.tools import datagen
+from dtrain.tools.bench import rotation
+from dtrain.tools.report import read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dtrain import datagen
 from dtrain.config import ConfigError, DataConfig, UserError
 from dtrain.data import Arrays, DataError, Dataset, Stats, generated, is_validation, open_dataset
 from dtrain.data.plan import EpochPlan
 from dtrain.data.stream import RAMP_FIRST, Stream, ramped
+from dtrain.tools import datagen
 
 ROWS, PARTS, FEATURES = 3001, 5, 6
 

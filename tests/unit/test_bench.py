@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dtrain import bench
-from dtrain.bench import RatioSpec, Run
+from dtrain.tools import bench
+from dtrain.tools.bench import RatioSpec, Run
 
 pytestmark = pytest.mark.unit
 
