@@ -19,7 +19,7 @@ import pandas as pd
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from dtrain.config import DataConfig
+from dtrain.config import DataConfig, Task
 from dtrain.data.follow import FileEntry, FileInfo, number_rows
 from dtrain.data.prepare import (
     PartGraph,
@@ -56,7 +56,7 @@ class Stats:
 
     features: list[str]
     label: str
-    task: str
+    task: Task
     mean: list[float]
     std: list[float]
     classes: list[Any] | None
@@ -131,13 +131,15 @@ def _check_label_and_ids(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> None
 class Dataset:
     """Lazy partitions of the train and validation splits, plus their statistics."""
 
-    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, identity: Any = None,
+    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, fmt: str | None, identity: Any,
                  files: list[str] | None = None):
-        """``identity``: what the data is, for the fingerprint, when not every file of ``--data`` (--follow).
-        ``files``: the Parquet file behind each partition of ``ddf`` (a ``parquet_source``)."""
+        """``ddf`` of format ``fmt`` (None: generated), opened by ``open_dataset`` (or, --follow, from the
+        files present at start); ``identity``: what the data is, for the fingerprint (``_identity``);
+        ``files``: the Parquet file behind each partition of ``ddf`` (a ``parquet_source``). Listing
+        ``--data`` is the opener's: here only the frame's columns are checked (and, where the data has no
+        row ids, the partitions' lengths are counted)."""
         self.cfg = cfg
         self.seed = seed
-        fmt = data_format(cfg)
         assert files is None or len(files) == ddf.npartitions, "one partition per Parquet file"
         # One partition per file: training reads each with pyarrow, straight to numpy (Dataset.partitions).
         self._files = files
@@ -160,8 +162,7 @@ class Dataset:
         self.ddf = ddf
         self._parts: list[Delayed] = _own_graphs(list(ddf.to_delayed()))
         schema = {str(c): str(t) for c, t in ddf.dtypes.items()}
-        what = _identity(cfg, fmt) if identity is None else identity
-        self.token = _digest(what, schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
+        self.token = _digest(identity, schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
                              seed, cfg.fillna)[:32]
         self.stats: Stats | None = None
         self._spec = Spec(tuple(self.features), self.label, cfg.val_fraction, seed, cfg.fillna, cfg.task)
@@ -291,7 +292,7 @@ def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
     the workers read each with pyarrow straight to numpy for training.
     """
     if cfg.data is None:
-        return Dataset(generated(cfg, seed), cfg, seed)
+        return Dataset(generated(cfg, seed), cfg, seed, None, _identity(cfg, None))
     fmt = data_format(cfg)
     files = None
     with read_errors(_where(cfg)):
@@ -302,4 +303,4 @@ def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
             ddf = dd.read_csv(_files(cfg, fmt), blocksize="64MB")
         else:
             ddf = _open_npy(cfg) if fmt == "npy" else _open_zarr(cfg)
-    return Dataset(ddf, cfg, seed, files=files)
+    return Dataset(ddf, cfg, seed, fmt, _identity(cfg, fmt), files=files)

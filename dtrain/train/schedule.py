@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dtrain.config import Config
-from dtrain.data.plan import EpochPlan, Position, limited
+from dtrain.data.plan import EpochPlan, Position, limited, steps_for_samples
 
 
 def schedule_progress(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
@@ -94,3 +94,21 @@ def checkpoint_position(resumed: dict[str, Any]) -> Position:
         else train["global_batch_size"]
     return Position(pos["epoch"], pos["step"], pos["step"] * batch)
 
+
+def fit_schedule(cfg: Config, plan: Callable[[Position, int], EpochPlan], epochs: int, global_batch: int,
+                 global_step: int, here: Position, samples: int, schedule: Schedule) -> tuple[int, Schedule]:
+    """The steps the run takes in all at ``global_batch`` rows a step, and the LR schedule fitted to them,
+    for a (re)start at ``global_step`` with data position ``here``, ``samples`` rows trained and
+    ``schedule`` the one fitted so far; ``plan(at, global_batch)`` is the rest of ``at``'s epoch."""
+    max_steps, max_samples = cfg.train.max_steps or 2**62, cfg.train.max_samples
+    if cfg.data.follow:  # how long training lasts is unknown (the schedules that need it require --max-steps)
+        return max_steps, (0, 0.0, max_steps, global_batch)
+    if cfg.train.batch_per_rank:
+        # The global batch is this world's, and may differ from the one the run began with: count the
+        # steps that remain at this size. --max-steps counts optimizer steps, whatever their size. On a
+        # world change the LR schedule is refitted to the new total from where it stands (continuous,
+        # ending on the last step; refit_schedule); warm-up counts optimizer steps.
+        total = min(max_steps, global_step + steps_left(plan, here, epochs, global_batch, samples, max_samples))
+        return total, refit_schedule(cfg, global_step, schedule, total, global_batch)
+    total = min(max_steps, steps_for_samples(plan(Position(), global_batch), epochs, max_samples))
+    return total, (0, 0.0, total, global_batch)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain import dist, models, shm
-from dtrain.config import Config
+from dtrain.config import Config, Task
 from dtrain.data.stream import Batch
 from dtrain.sharded import ShardedOptimizer
 
@@ -80,13 +80,13 @@ def _fusable(params: list[Any]) -> bool:
         and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def loss_sum(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_sum(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(out, y, reduction="sum")
     return F.mse_loss(out.squeeze(-1), y, reduction="sum")
 
 
-def correct(task: str, out: torch.Tensor, y: torch.Tensor) -> float:
+def correct(task: Task, out: torch.Tensor, y: torch.Tensor) -> float:
     if task != "classification" or len(y) == 0:
         return 0.0
     # count_nonzero, not a sum of the booleans (which promotes to int64 first): the same count, and a
@@ -103,7 +103,7 @@ def _loss_gradient(denominator: int, dtype: torch.dtype, device: torch.device) -
     return torch.ones((), dtype=dtype, device=device) / denominator
 
 
-def forward_backward(model: nn.Module, batch: Batch, task: str, micro_batches: int, denominator: int,
+def forward_backward(model: nn.Module, batch: Batch, task: Task, micro_batches: int, denominator: int,
                      amp: str | None = None) -> tuple[float, float]:
     """Forward and backward over this rank's rows in ``micro_batches`` pieces (gradients accumulate).
 
@@ -287,7 +287,7 @@ class TrainStep:
     Collective where the combine is: every rank builds it alike (same seed, same config).
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, task: str, device: torch.device, alone: bool):
+    def __init__(self, cfg: Config, model: nn.Module, task: Task, device: torch.device, alone: bool):
         self.model, self.task, self.device, self.alone = model, task, device, alone
         self.grad_clip = cfg.optim.grad_clip
         self.micro_batches = cfg.train.accumulate
@@ -312,13 +312,14 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def __call__(self, batch: Batch, seed: int, sync: bool, stop_vote: float, world: int,
+    def __call__(self, batch: Batch, seed: int, sync: bool, stop_vote: Callable[[], float], world: int,
                  fence: Callable[[], float]) -> tuple[float, float]:
         """Train on ``batch``: returns the seconds in collectives and the seconds ``fence`` waited.
 
         ``seed``: dropout's seed for this step (``step_seed``); ``sync``: the counts (and with local SGD
-        the models) are combined at this step, carrying this rank's ``stop_vote``; ``fence``: called
-        before the parameters change (a checkpoint in flight copies them first).
+        the models) are combined at this step, carrying this rank's ``stop_vote()`` (read after the
+        backward pass, so that a signal that came during it counts at once); ``fence``: called before
+        the parameters change (a checkpoint in flight copies them first).
         """
         if self.random_forward:
             seed_step(seed, self.device)
@@ -329,7 +330,7 @@ class TrainStep:
                                        self.amp)
         self.counts.add(loss, right, batch.rows)
         if sync:
-            self.counts.vote(stop_vote)  # a signal on any rank stops every rank after this step
+            self.counts.vote(stop_vote())  # a signal on any rank stops every rank after this step
         seconds = combine.before_step()
         if self.grad_clip and self.sharded is None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
