@@ -39,7 +39,7 @@ from dtrain.data import Dataset, Stats, open_dataset
 from dtrain.data.plan import EpochPlan, group_by_partition
 from dtrain.data.stream import Stream, rank_positions
 from dtrain.tools import datagen
-from dtrain.tools.bench import rotation
+from dtrain.tools.benchstats import rotation
 from dtrain.tools.report import read_metrics
 
 log = logging.getLogger(__name__)
