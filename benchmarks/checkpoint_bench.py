@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/checkpoint_bench.py [--width 2048] [--repeat 5] [--json out.json]
 
 A real training loop (an MLP with AdamW, batch ``--batch``) checkpoints every ``--every`` steps, the
-way ``engine.run`` does it: ``Checkpointer.save_async`` with the parameters and optimizer moments
+way the trainer does it: ``Checkpointer.save_async`` with the parameters and optimizer moments
 deferred, and ``fence()`` before the next ``optimizer.step()``. "blocked" is what the loop waits for a
 checkpoint: for dtrain, the in-memory copy of what is not deferred, the wait at the fence and for the
 write to finish before the next checkpoint; for the synchronous contender, ``torch.save`` of the same

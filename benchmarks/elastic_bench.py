@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from dtrain.report import read_metrics
+from dtrain.tools.report import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")

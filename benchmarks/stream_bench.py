@@ -5,7 +5,7 @@
 Both sides follow the same epoch plan (block shuffle over a window of partitions) with a no-op consumer:
 
 * ``stream``: a LocalCluster prepares the partitions (split, standardise) and cuts each request's rows
-  worker-side; the rank gathers them (``dtrain.stream.Stream``), as in training;
+  worker-side; the rank gathers them (``dtrain.data.stream.Stream``), as in training;
 * ``pyarrow``: this process reads a window's Parquet files with ``pyarrow.parquet.read_table``, converts
   them to numpy once, standardises, and slices each batch out with the same plan positions: the
   in-process upper bound, with no cluster, no serialisation and no memory bound across processes.
@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from distributed import Client, LocalCluster
 
-from dtrain import datagen
-from dtrain.bench import rotation
 from dtrain.cluster import worker_environment
 from dtrain.config import DataConfig
 from dtrain.data import Dataset, Stats, open_dataset
-from dtrain.plan import EpochPlan, group_by_partition
-from dtrain.report import read_metrics
-from dtrain.stream import Stream, rank_positions
+from dtrain.data.plan import EpochPlan, group_by_partition
+from dtrain.data.stream import Stream, rank_positions
+from dtrain.tools import datagen
+from dtrain.tools.benchstats import rotation
+from dtrain.tools.report import read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,21 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
-
-
-class ConfigError(UserError):
-    """An invalid configuration value; ``flag`` is the command-line spelling of the field."""
-
-    def __init__(self, name: str, message: str):
-        self.flag = "--" + name.replace("_", "-")
-        super().__init__(f"{self.flag}: {message}")
+# Re-exported: they were defined here first, and callers import them from here.
+from dtrain.errors import ConfigError as ConfigError
+from dtrain.errors import UserError as UserError
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -35,8 +27,18 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 
 MODELS = ("mlp", "linear", "logistic", "cnn")
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-SCHEDULES = ("constant", "step", "cosine", "invscaling")
+# The choices spelled as strings, one type each: fields, validation and the code that branches on them
+# share these (the command line and docs/config.md show them as str).
+Format = Literal["auto", "parquet", "csv", "npy", "zarr"]
+TaskChoice = Literal["auto", "classification", "regression"]
+Task = Literal["classification", "regression"]  # what "auto" resolves to (dtrain.data.Stats.task)
+Optimizer = Literal["sgd", "adam", "adamw", "adagrad"]
+Schedule = Literal["constant", "step", "cosine", "invscaling"]
+Compression = Literal["none", "fp16"]
+Reduction = Literal["sum", "adasum"]
+Mode = Literal["minibatch", "online"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 _USER_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -73,10 +75,10 @@ class DataConfig:
     """What to train on and how it is split, shuffled and streamed."""
 
     data: str | None = doc(None, "dataset: Parquet dir/glob, CSV glob, .npy/.zarr, or a URL; default: generated")
-    format: str = doc("auto", "dataset format: auto, parquet, csv, npy, zarr")
+    format: Format = doc("auto", "dataset format: auto, parquet, csv, npy, zarr")
     label: str = doc("label", "label column (npy: the labels .npy file; zarr: the label array, default y)")
     features: list[str] = doc([], "feature columns, comma-separated (default: every numeric column but label/row_id)")
-    task: str = doc("auto", "classification, regression, or auto (integer labels: classification)")
+    task: TaskChoice = doc("auto", "classification, regression, or auto (integer labels: classification)")
     val_fraction: float = doc(0.1, "fraction of rows held out for evaluation (chosen by a hash of the row id)")
     fillna: float | None = doc(None, "value replacing missing features (default: missing values are an error)")
     shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
@@ -97,8 +99,8 @@ class DataConfig:
     gen_noise: float = doc(2.0, "generated data: noise around the class clusters")
 
     def __post_init__(self) -> None:
-        _choice("format", self.format, ("auto", "parquet", "csv", "npy", "zarr"))
-        _choice("task", self.task, ("auto", "classification", "regression"))
+        _choice("format", self.format, get_args(Format))
+        _choice("task", self.task, get_args(TaskChoice))
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         for name in ("shuffle_window", "gen_rows", "gen_features", "gen_partitions"):
@@ -143,24 +145,24 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: str = doc("adamw", f"one of {', '.join(OPTIMIZERS)}")
+    optimizer: Optimizer = doc("adamw", f"one of {', '.join(OPTIMIZERS)}")
     lr: float = doc(1e-3, "peak learning rate")
     momentum: float = doc(0.9, "SGD momentum")
     nesterov: bool = doc(False, "SGD Nesterov momentum")
     weight_decay: float = doc(0.0, "weight decay (decoupled for AdamW)")
-    schedule: str = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
+    schedule: Schedule = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
     warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
     power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
-    compression: str = doc("none", "gradient compression for the allreduce: none or fp16")
-    reduction: str = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
+    compression: Compression = doc("none", "gradient compression for the allreduce: none or fp16")
+    reduction: Reduction = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
     shard: bool = doc(True, "ranks on one host share the parameters and each steps a shard (ZeRO-1 over shared memory)")
 
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("compression", self.compression, ("none", "fp16"))
-        _choice("reduction", self.reduction, ("sum", "adasum"))
+        _choice("compression", self.compression, get_args(Compression))
+        _choice("reduction", self.reduction, get_args(Reduction))
         _positive("power_t", self.power_t, zero_ok=True)
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
@@ -175,7 +177,7 @@ class OptimConfig:
 class TrainConfig:
     """The training loop."""
 
-    mode: str = doc("minibatch", "minibatch (epochs over shuffled data) or online (one pass in arrival order)")
+    mode: Mode = doc("minibatch", "minibatch (epochs over shuffled data) or online (one pass in arrival order)")
     global_batch_size: int = doc(256, "rows per optimizer step across all ranks (fixed whatever the world size)")
     batch_per_rank: int | None = doc(None, "opt-in: rows per rank per step instead; --lr is scaled by the ranks")
     accumulate: int = doc(1, "micro-batches per rank per step, one allreduce (Horovod's backward_passes_per_step)")
@@ -190,7 +192,7 @@ class TrainConfig:
     eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("minibatch", "online"))
+        _choice("mode", self.mode, get_args(Mode))
         for name in ("global_batch_size", "epochs", "log_every", "eval_batch_size", "accumulate", "sync_every",
                      "commit_every"):
             _positive(name, getattr(self, name))
@@ -286,6 +288,8 @@ def section_fields() -> list[tuple[str, type, dataclasses.Field[Any]]]:
 def field_type(cls: type, name: str) -> tuple[type, bool]:
     """``(scalar or element type, is_list)`` of a field, with ``X | None`` unwrapped."""
     tp = get_type_hints(cls)[name]
+    if get_origin(tp) is Literal:  # a choice among strings: a str on the command line and in YAML
+        return str, False
     args = [a for a in get_args(tp) if a is not type(None)]
     if get_origin(tp) is not None and get_origin(tp) is not list and args:
         tp = args[0]

@@ -1,5 +1,10 @@
 """The coordinator: the one place that decides when to checkpoint, when to stop, and what to resume.
 
+Its step-by-step decisions (does this step sync, log, commit, may it checkpoint, does the loop stop,
+and why a run ended) are the pure ``StepPolicy`` of ``dtrain/policy.py``, which the trainer asks at
+every step; this module keeps the parts with state and I/O: the clock of ``--checkpoint-seconds``,
+the checkpointer, the signals.
+
 * **Resume**: rank 0 finds the checkpoint (``--resume auto|never|PATH``), verifies it and hands it to
   every rank; resuming against different data or preprocessing is refused unless ``--force-resume``.
 * **Checkpoint**: every ``--checkpoint-every`` steps and/or ``--checkpoint-seconds``, at the end, and

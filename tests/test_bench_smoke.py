@@ -36,7 +36,7 @@ def test_quick_ceiling_benchmark_runs_every_contender(tmp_path):
 
 def test_paired_overhead_run_times_both_steps_in_one_process():
     """B1's paired contender: dtrain's step and the bare loop alternated, a ratio per pair of windows."""
-    from dtrain.bench import parse_result
+    from dtrain.tools.benchstats import parse_result
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers" / "paired.py"), "--model", "small",
                            "--warmup", "2", "--windows", "3", "--window-seconds", "0.2"], cwd=REPO, capture_output=True,

@@ -1,4 +1,4 @@
-"""Sources, statistics, the stream and the data errors (dtrain/data.py, dtrain/stream.py, dtrain/datagen.py).
+"""Sources, statistics, the stream and the data errors (dtrain/data/, dtrain/tools/datagen.py).
 
 Cluster tests run on the session's real LocalCluster (``dask_client``); the distributed test runs real
 horovodrun over a dataset written by ``python -m dtrain.datagen``.
@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dtrain import datagen
 from dtrain.config import ConfigError, DataConfig, UserError
 from dtrain.data import Arrays, DataError, Dataset, Stats, generated, is_validation, open_dataset
-from dtrain.plan import EpochPlan
-from dtrain.stream import RAMP_FIRST, Stream, ramped
+from dtrain.data.plan import EpochPlan
+from dtrain.data.stream import RAMP_FIRST, Stream, ramped
+from dtrain.tools import datagen
 
 ROWS, PARTS, FEATURES = 3001, 5, 6
 

@@ -47,7 +47,8 @@ def test_mlp_matches_scikit_learn_on_default_data(horovodrun, tmp_path):
     from sklearn.neural_network import MLPClassifier
 
     from dtrain.config import DataConfig
-    from dtrain.data import Spec, _generate_partition, is_validation
+    from dtrain.data.prepare import Spec, is_validation
+    from dtrain.data.sources import _generate_partition
 
     cfg = DataConfig(gen_rows=20000, gen_partitions=8)
     res = horovodrun(["--gen-rows", "20000", "--gen-partitions", "8", "--epochs", "10"]).check()

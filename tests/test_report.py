@@ -1,4 +1,4 @@
-"""python -m dtrain.report: text summary and plots of run directories (dtrain/report.py)."""
+"""python -m dtrain.report: text summary and plots of run directories (dtrain/tools/report.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import PYTHON, REPO, _env
 
-from dtrain import report
 from dtrain.config import Config
+from dtrain.tools import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

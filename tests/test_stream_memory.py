@@ -14,8 +14,8 @@ import pytest
 
 from dtrain.config import DataConfig
 from dtrain.data import open_dataset
-from dtrain.plan import EpochPlan
-from dtrain.stream import Stream
+from dtrain.data.plan import EpochPlan
+from dtrain.data.stream import Stream
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -29,7 +29,7 @@ def test_rss_stays_flat_while_streaming_much_more_data(dask_client: Any) -> None
     # Wide rows make the data large next to what Dask keeps: its comms log their last 1000 messages
     # (distributed.admin.low-level-log-length), and a request carries 4 bytes per row it asks for.
     # With a request's rows in glibc's heaps, this test measured 15-25 MB more per epoch when it ran
-    # after tests/test_data.py in one process (dtrain.stream maps each request's rows on its own).
+    # after tests/test_data.py in one process (dtrain.data.stream maps each request's rows on its own).
     cfg = DataConfig(gen_rows=270_000, gen_features=128, gen_partitions=24, shuffle_window=4)
     dataset = open_dataset(cfg, 0)
     stats = dataset.compute_stats()

@@ -1,25 +1,22 @@
-"""dtrain's training step on in-memory tensors: the per-step code path of ``dtrain.engine.run``.
+"""dtrain's training step on in-memory tensors: ``dtrain.train.step.TrainStep``, the step the trainer calls.
 
     python benchmarks/peers/dtrain_step.py --model small --global-batch 128                  # 1 rank
     horovodrun -np 2 -H localhost:2 --gloo python benchmarks/peers/dtrain_step.py --model small
 
-The loop body is the one of ``engine.run`` (mini-batch mode, sum reduction, no compression): the
-learning rate set per step, the per-step dropout seed (``engine.seed_step``, for a model that draws
-random numbers: ``models.draws_random``), ``optimizer.zero_grad(set_to_none=alone)``,
-``engine.forward_backward`` (loss *sum* / global rows), the loss and counts added into ``counts``
-(``engine.StepCounts``), the stop vote, ``dist.allreduce_sum_(grads, uncompressed=[counts.tensor])``
-(one collective), ``optimizer.step()``, ``counts.take()``; on one host, the sharded step instead
-(``engine.shard_optimizer``: the collective inside ``optimizer.step()``). Only the Dask stream is left out: each
-rank slices its part of every global batch (``plan.rank_slice``) from the same in-memory tensors, so
-this measures the training engine alone. ``dtrain.dist.init()`` applies dtrain's performance
-settings (threads, transport, cycle time).
+Per step, as ``Trainer._train_step`` does (mini-batch mode, sum reduction, no compression): the
+learning rate set (``TrainStep.set_lr`` with ``lr_factor``), then ``TrainStep`` itself: the dropout
+seed for a model that draws random numbers, ``zero_grad``, forward and backward (loss *sum* / global
+rows), the counts and the stop vote, the gradient combine (one collective, or on one host the sharded
+step inside ``optimizer.step()``), ``optimizer.step()``; then ``counts.take()``. Only the Dask stream
+is left out: each rank slices its part of every global batch (``plan.rank_slice``) from the same
+in-memory tensors, so this measures the training engine alone. ``dtrain.dist.init()`` applies
+dtrain's performance settings (threads, transport, cycle time).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,18 +26,15 @@ from _harness import MODELS, measure, parser, report, synthetic
 
 from dtrain import dist
 from dtrain.config import Config, ModelConfig, OptimConfig
-from dtrain.engine import (
-    forward_backward,
-    gradient_buffers,
-    lr_factor,
-    make_optimizer,
-    seed_step,
-    shard_optimizer,
-    step_seed,
-)
-from dtrain.models import draws_random, mlp
-from dtrain.plan import rank_slice
-from dtrain.stream import Batch
+from dtrain.data.plan import rank_slice
+from dtrain.data.stream import Batch
+from dtrain.models import mlp
+from dtrain.train.schedule import lr_factor
+from dtrain.train.step import TrainStep, step_seed
+
+
+def _no_wait() -> float:
+    return 0.0
 
 
 def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], dict[str, Any]]]:
@@ -53,13 +47,8 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[]
 
     torch.manual_seed(seed)
     model = mlp(inputs, outputs, cfg.model.hidden, cfg.model.dropout).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    alone = not dist.is_distributed()
-    grads, counts = gradient_buffers(params, device, alone)
-    sharded = shard_optimizer(cfg, model, grads)
-    optimizer = sharded or make_optimizer(cfg, model.parameters())
-    dist.broadcast_parameters(model, buffers_only=sharded is not None)
-    random_forward = draws_random(model)
+    train_step = TrainStep(cfg, model, task, device, alone=not dist.is_distributed())
+    dist.broadcast_parameters(model, buffers_only=train_step.sharded is not None)
 
     x, y = synthetic(args.rows, args.model, seed)
     b = args.global_batch
@@ -75,26 +64,14 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[]
     def step() -> None:
         nonlocal global_step, allreduce_s
         batch = next_batch()
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.optim.lr * lr_factor(cfg, global_step, total_steps)
-        if random_forward:
-            seed_step(step_seed(seed, global_step, rank), device)
-        optimizer.zero_grad(set_to_none=alone)
-        loss, right = forward_backward(model, batch, task, cfg.train.accumulate, batch.global_rows)
-        counts.add(loss, right, batch.rows)
-        counts.vote(0.0)  # the stop vote
-        t0 = time.perf_counter()
-        if sharded is None:
-            dist.allreduce_sum_(grads, compression=cfg.optim.compression, uncompressed=[counts.tensor])
-            allreduce_s += time.perf_counter() - t0
-        optimizer.step()  # sharded: the gradients' sum too
-        if sharded is not None:
-            allreduce_s += time.perf_counter() - t0
+        train_step.set_lr(cfg.optim.lr * lr_factor(cfg, global_step, total_steps))
+        seconds, _ = train_step(batch, step_seed(seed, global_step, rank), True, _no_wait, world, _no_wait)
+        allreduce_s += seconds
         global_step += 1
-        _loss_sum, _right, _rows, _votes = counts.take()
+        _loss_sum, _right, _rows, _votes = train_step.counts.take()
 
     def info() -> dict[str, Any]:
-        return {"transport": dist.transport(), "sharded": sharded is not None,
+        return {"transport": dist.transport(), "sharded": train_step.sharded is not None,
                 "allreduce_ms_per_step": 1e3 * allreduce_s / max(global_step, 1)}
 
     return step, info

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from dtrain import bench
-from dtrain.bench import RatioSpec, Run
+from dtrain.tools import bench
+from dtrain.tools import benchstats as bs
+from dtrain.tools.benchstats import RatioSpec, Run
 
 pytestmark = pytest.mark.unit
 
@@ -20,9 +21,9 @@ def test_parse_result_finds_the_last_result_line_behind_horovodrun_prefixes():
         '[0]<stdout>:BENCH_RESULT {"samples_per_sec": [2.0, 4.0], "world_size": 2}',
         "[0]<stderr>:bye",
     ])
-    assert bench.parse_result(out) == {"samples_per_sec": [2.0, 4.0], "world_size": 2}
-    assert bench.parse_result("nothing here\n") is None
-    assert bench.parse_result("BENCH_RESULT [1, 2]") is None  # not an object
+    assert bs.parse_result(out) == {"samples_per_sec": [2.0, 4.0], "world_size": 2}
+    assert bs.parse_result("nothing here\n") is None
+    assert bs.parse_result("BENCH_RESULT [1, 2]") is None  # not an object
 
 
 def test_steady_state_skips_warmup_and_evaluation_lines():
@@ -32,47 +33,47 @@ def test_steady_state_skips_warmup_and_evaluation_lines():
         {"step": 20, "eval_loss": 1.0},
         {"step": 30, "loss": 0.5, "samples_per_sec": 1000.0},
     ]
-    assert bench.steady_state(metrics) == [900.0, 1000.0]
-    assert bench.steady_state(metrics[:1]) == [100.0]  # a single line is all there is
-    assert bench.steady_state([]) == []
+    assert bs.steady_state(metrics) == [900.0, 1000.0]
+    assert bs.steady_state(metrics[:1]) == [100.0]  # a single line is all there is
+    assert bs.steady_state([]) == []
 
 
 def test_rotation_puts_every_contender_first_once_per_cycle():
     names = ["a", "b", "c"]
-    orders = [bench.rotation(names, r) for r in range(3)]
+    orders = [bs.rotation(names, r) for r in range(3)]
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     assert {o[0] for o in orders} == set(names)
-    assert bench.rotation(names, 4) == orders[1]
-    assert bench.rotation([], 2) == []
+    assert bs.rotation(names, 4) == orders[1]
+    assert bs.rotation([], 2) == []
 
 
 def test_summarize_takes_the_median_over_runs_and_keeps_failures_apart():
     runs = [Run("x", 10.0, [9.0, 10.0, 11.0], load=1.0), Run("x", 30.0, load=3.0),
             Run("x", 20.0, load=2.0), Run("x", None, load=5.0, error="exit 1\nboom")]
-    s = bench.summarize(runs)
+    s = bs.summarize(runs)
     assert s["samples_per_sec"] == 20.0
     assert (s["best"], s["worst"]) == (30.0, 10.0)
     assert s["runs"] == [10.0, 30.0, 20.0]
     assert s["failed"] == 1 and s["errors"] == ["exit 1\nboom"]
     assert s["load"] == [1.0, 3.0, 2.0, 5.0]
-    empty = bench.summarize([Run("y", None, error="timed out")])
+    empty = bs.summarize([Run("y", None, error="timed out")])
     assert empty["samples_per_sec"] is None and empty["best"] is None and empty["failed"] == 1
 
 
 def test_ratio_and_target_checks():
-    assert bench.ratio(90.0, 100.0) == pytest.approx(0.9)
-    assert bench.ratio(None, 100.0) is None
-    assert bench.ratio(90.0, None) is None
-    assert bench.ratio(90.0, 0.0) is None
-    assert bench.check("a / b", 0.96, 0.95)["met"] is True
-    assert bench.check("a / b", 0.95, 0.95)["met"] is True  # the target is inclusive
-    assert bench.check("a / b", 0.94, 0.95)["met"] is False
-    assert bench.check("a / b", None, 0.95)["met"] is None  # a failed contender: no verdict
-    assert bench.check("a / b", 0.5, None) == {"name": "a / b", "ratio": 0.5, "target": None, "met": None,
+    assert bs.ratio(90.0, 100.0) == pytest.approx(0.9)
+    assert bs.ratio(None, 100.0) is None
+    assert bs.ratio(90.0, None) is None
+    assert bs.ratio(90.0, 0.0) is None
+    assert bs.check("a / b", 0.96, 0.95)["met"] is True
+    assert bs.check("a / b", 0.95, 0.95)["met"] is True  # the target is inclusive
+    assert bs.check("a / b", 0.94, 0.95)["met"] is False
+    assert bs.check("a / b", None, 0.95)["met"] is None  # a failed contender: no verdict
+    assert bs.check("a / b", 0.5, None) == {"name": "a / b", "ratio": 0.5, "target": None, "met": None,
                                                "best_ratio": None, "bound": ">="}
-    assert bench.check("a / b", 0.05, 0.05, at_most=True)["met"] is True  # a ceiling, inclusive too
-    assert bench.check("a / b", 0.06, 0.05, at_most=True)["met"] is False
-    assert bench.check("a / b", 0.9, 0.95, best=1.1)["best_ratio"] == 1.1  # the best runs: information only
+    assert bs.check("a / b", 0.05, 0.05, at_most=True)["met"] is True  # a ceiling, inclusive too
+    assert bs.check("a / b", 0.06, 0.05, at_most=True)["met"] is False
+    assert bs.check("a / b", 0.9, 0.95, best=1.1)["best_ratio"] == 1.1  # the best runs: information only
 
 
 def test_compare_divides_medians_of_the_named_contenders():
@@ -80,7 +81,7 @@ def test_compare_divides_medians_of_the_named_contenders():
                  "horovod plain": {"samples_per_sec": None}}
     specs = [RatioSpec("dtrain step", "ddp", 1.0), RatioSpec("dtrain step", "horovod plain", 1.0),
              RatioSpec("dtrain step", "missing")]
-    out = bench.compare(summaries, specs)
+    out = bs.compare(summaries, specs)
     assert [c["name"] for c in out] == ["dtrain step / ddp", "dtrain step / horovod plain", "dtrain step / missing"]
     assert out[0]["ratio"] == pytest.approx(1.5) and out[0]["met"] is True
     assert out[0]["best_ratio"] is None  # no "best" in these summaries
@@ -89,7 +90,7 @@ def test_compare_divides_medians_of_the_named_contenders():
 
 
 def test_format_table_aligns_columns():
-    text = bench.format_table(["name", "value"], [["a", "1"], ["longer", "1,000"]])
+    text = bs.format_table(["name", "value"], [["a", "1"], ["longer", "1,000"]])
     lines = text.splitlines()
     assert lines[0] == "name    value"
     assert lines[1] == "------  -----"
@@ -99,17 +100,17 @@ def test_format_table_aligns_columns():
 
 def _comparison() -> dict:
     contenders = {
-        "bare": bench.summarize([Run("bare", 1000.0, load=0.5), Run("bare", 1100.0, load=0.7)]),
-        "dtrain step": bench.summarize([Run("dtrain step", 990.0, load=0.6), Run("dtrain step", 1010.0, load=0.9)]),
-        "dtrain e2e": bench.summarize([Run("dtrain e2e", None, load=1.0, error="exit 1\nValueError: bad")]),
+        "bare": bs.summarize([Run("bare", 1000.0, load=0.5), Run("bare", 1100.0, load=0.7)]),
+        "dtrain step": bs.summarize([Run("dtrain step", 990.0, load=0.6), Run("dtrain step", 1010.0, load=0.9)]),
+        "dtrain e2e": bs.summarize([Run("dtrain e2e", None, load=1.0, error="exit 1\nValueError: bad")]),
     }
     specs = [RatioSpec("dtrain step", "bare", 0.95), RatioSpec("dtrain e2e", "bare")]
     return {"benchmark": "B1", "title": bench.TITLES["B1"], "model": "small", "global_batch": 128,
-            "baseline": "bare", "contenders": contenders, "ratios": bench.compare(contenders, specs)}
+            "baseline": "bare", "contenders": contenders, "ratios": bs.compare(contenders, specs)}
 
 
 def test_render_comparison_shows_medians_ratios_targets_and_failures():
-    text = bench.render_comparison(_comparison())
+    text = bs.render_comparison(_comparison())
     assert "B1 overhead" in text and "model small (100-256-256-10), global batch 128" in text
     bare = next(line for line in text.splitlines() if line.startswith("bare"))
     assert "1,050" in bare and "1.00" in bare and "0.5-0.7" in bare
@@ -123,10 +124,10 @@ def test_render_comparison_shows_medians_ratios_targets_and_failures():
 
 def test_targets_collects_every_targeted_ratio_and_renders_a_verdict_table():
     report = {"benchmarks": {"B1": {"comparisons": [_comparison()]}, "B6": {"status": "not available yet"}}}
-    items = bench.targets(report)
+    items = bs.targets(report)
     assert len(items) == 1
     assert items[0]["benchmark"] == "B1" and items[0]["model"] == "small" and items[0]["met"] is True
-    table = bench.render_targets(items)
+    table = bs.render_targets(items)
     assert "dtrain step / bare" in table and ">= 0.95" in table and "MET" in table
     assert "0.952" in table and "0.918" in table
     json.dumps(report)  # the report is JSON as it is
@@ -135,11 +136,11 @@ def test_targets_collects_every_targeted_ratio_and_renders_a_verdict_table():
 def test_paired_ratio_is_the_median_of_every_window_pair():
     runs = [Run("p", 100.0, extra={"paired_ratios": [0.9, 1.0, 1.1]}), Run("p", 100.0, extra={"paired_ratios": [0.96]}),
             Run("p", None, error="exit 1")]
-    summary = {**bench.summarize(runs), "extra": [r.extra for r in runs]}
-    assert bench.paired_ratio(summary) == (pytest.approx(0.98), 1.0)  # median of 0.9, 0.96, 1.0, 1.1; best run 1.0
-    (c,) = bench.compare({"p": summary, "bare": {"samples_per_sec": 50.0}}, [RatioSpec("p", "bare", 0.95, paired=True)])
+    summary = {**bs.summarize(runs), "extra": [r.extra for r in runs]}
+    assert bs.paired_ratio(summary) == (pytest.approx(0.98), 1.0)  # median of 0.9, 0.96, 1.0, 1.1; best run 1.0
+    (c,) = bs.compare({"p": summary, "bare": {"samples_per_sec": 50.0}}, [RatioSpec("p", "bare", 0.95, paired=True)])
     assert c["name"] == "p / bare, paired in one process" and c["ratio"] == pytest.approx(0.98) and c["met"] is True
-    assert bench.paired_ratio({}) == (None, None)  # every run failed: no verdict
+    assert bs.paired_ratio({}) == (None, None)  # every run failed: no verdict
 
 
 def test_targets_of_the_benchmark_scripts_json():
@@ -150,7 +151,7 @@ def test_targets_of_the_benchmark_scripts_json():
     b5 = {"ratio_async_to_sync": 0.001}
     report = {"benchmarks": {"B4": {"status": "ok", "result": b4}, "B5": {"status": "ok", "result": b5},
                              "B6": {"status": "ok", "result": {"recovery_s": 0.4}}}}
-    items = {(t["benchmark"], t["name"]): t for t in bench.targets(report)}
+    items = {(t["benchmark"], t["name"]): t for t in bs.targets(report)}
     assert set(items) == {("B4", "stream / pyarrow"), ("B4", "data stall of step time"),
                           ("B5", "async blocking / sync save")}
     stream = items["B4", "stream / pyarrow"]
@@ -158,14 +159,14 @@ def test_targets_of_the_benchmark_scripts_json():
     stall = items["B4", "data stall of step time"]
     assert stall["bound"] == "<=" and stall["target"] == 0.05 and stall["met"] is False  # 7% is too much
     assert items["B5", "async blocking / sync save"]["met"] is True
-    table = bench.render_targets(list(items.values()))
+    table = bs.render_targets(list(items.values()))
     assert "<= 0.05" in table and ">= 0.80" in table and "NOT MET" in table
     # A script whose JSON lacks the numbers: a target without a verdict, not a crash.
-    assert [t["met"] for t in bench.script_targets("B4", {})] == [None, None]
+    assert [t["met"] for t in bs.script_targets("B4", {})] == [None, None]
     # A script that failed keeps its rows in the verdict table, without a verdict (never silently dropped).
-    failed = bench.targets({"benchmarks": {"B5": {"status": "failed"}, "B6": {"status": "failed"}}})
+    failed = bs.targets({"benchmarks": {"B5": {"status": "failed"}, "B6": {"status": "failed"}}})
     assert [(t["benchmark"], t["met"]) for t in failed] == [("B5", None)]
-    assert "n/a" in bench.render_targets(failed)
+    assert "n/a" in bs.render_targets(failed)
 
 
 def test_contenders_of_each_comparison(tmp_path):

@@ -439,7 +439,7 @@ def test_every_field_is_settable_from_the_command_line() -> None:
 
 def test_lr_schedules() -> None:
     from dtrain.config import OptimConfig
-    from dtrain.engine import lr_factor
+    from dtrain.train.schedule import lr_factor
 
     def cfg(**kw: object) -> Config:
         return Config(optim=OptimConfig(**kw))  # type: ignore[arg-type]

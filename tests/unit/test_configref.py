@@ -1,4 +1,4 @@
-"""docs/config.md is generated from the config dataclasses (dtrain/configref.py) and kept in step with them."""
+"""docs/config.md is generated from the config dataclasses (dtrain/tools/configref.py) and kept in step with them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import configref
 from dtrain.config import Config, TrainConfig, doc, section_fields
+from dtrain.tools import configref
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""--follow's pure logic (dtrain/follow.py), the row limit of --max-samples (dtrain/plan.py) and the
+"""--follow's pure logic (dtrain/data/follow.py), the row limit of --max-samples (dtrain/data/plan.py) and the
 configuration checks of both: no cluster, no files."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from dtrain import cli
 from dtrain.config import Config, ConfigError, DataConfig, TrainConfig
-from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, ignored, new_files, number_rows
-from dtrain.plan import EpochPlan, Position, limited, steps_for_samples
+from dtrain.data.follow import Feed, FileEntry, FileInfo, FileWaiter, arrival_order, ignored, new_files, number_rows
+from dtrain.data.plan import EpochPlan, Position, limited, steps_for_samples
+from dtrain.errors import UserError
 
 pytestmark = pytest.mark.unit
 
@@ -162,3 +163,43 @@ def test_follow_flags_parse() -> None:
     raw: dict[str, Any] = cfg.to_dict()
     assert Config.from_dict(raw) == cfg
     assert Config(data=DataConfig(), train=TrainConfig(max_samples=5)).train.max_samples == 5
+
+
+# -- waiting for new files (FileWaiter, in one process) ---------------------------------------------------
+
+
+def _waiter(listings: list[list[FileInfo]], idle: float | None = None, signalled: bool = False,
+            bad: bool = False) -> tuple[FileWaiter, list[str]]:
+    calls: list[str] = []
+
+    def list_files(source: str) -> list[FileInfo]:
+        calls.append("list")
+        return listings.pop(0) if listings else []
+
+    def inspect(files: list[FileInfo], next_offset: int) -> list[FileEntry]:
+        if bad:
+            raise UserError("--follow: bad file; fix it")
+        return [entry(f.path, 10, offset=next_offset + 10 * i) for i, f in enumerate(files)]
+
+    waiter = FileWaiter("dir", 0.01, idle, list_files, inspect, lambda: signalled,
+                        lambda: 1.0 if signalled else 0.0, lambda: calls.append("checkpoint"))
+    return waiter, calls
+
+
+def test_waiter_adds_a_segment_of_the_new_files_only() -> None:
+    feed = Feed()
+    feed.add([entry("a", 10)])
+    waiter, calls = _waiter([[FileInfo("a", 1.0, 1)], [FileInfo("a", 1.0, 1), FileInfo("b", 2.0, 1)]])
+    assert waiter.wait(feed) is None
+    assert [[e.path for e in seg] for seg in feed.segments] == [["a"], ["b"]]
+    assert calls == ["list", "list"]
+
+
+def test_waiter_stops_when_idle_or_signalled_and_saves_before_a_bad_file_error() -> None:
+    assert _waiter([], idle=0.0)[0].wait(Feed()) == "idle"
+    waiter, calls = _waiter([[FileInfo("b", 2.0, 1)]], signalled=True)
+    assert waiter.wait(Feed()) == "signal" and calls == []  # the vote comes before any listing
+    waiter, calls = _waiter([[FileInfo("b", 2.0, 1)]], bad=True)
+    with pytest.raises(UserError, match="bad file"):
+        waiter.wait(Feed())
+    assert calls == ["list", "checkpoint"]

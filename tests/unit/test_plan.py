@@ -1,4 +1,4 @@
-"""Property tests for the epoch plan (dtrain/plan.py): the data-order guarantees of DESIGN.md.
+"""Property tests for the epoch plan (dtrain/data/plan.py): the data-order guarantees of DESIGN.md.
 
 Every property is checked on random partition layouts (empty partitions included), global batch sizes,
 world sizes, shuffle windows, seeds and epochs. Batch sizes are drawn so that an epoch has at most a
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dtrain.plan import EpochPlan, Position, group_by_partition, rank_slice, validate_world
+from dtrain.data.plan import EpochPlan, Position, group_by_partition, rank_slice, validate_world
 
 pytestmark = pytest.mark.unit
 

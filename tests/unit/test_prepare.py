@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dtrain.data import ROW_ID, Arrays, DataError, Spec, _plain_numbers, prepare, prepare_table, read_parquet_table
+from dtrain.data.prepare import Arrays, Spec, _plain_numbers, prepare, prepare_table
+from dtrain.data.sources import ROW_ID, read_parquet_table
+from dtrain.errors import DataError
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,5 @@
 """The LR schedule when the number of steps left changes mid-run (elastic runs with --batch-per-rank),
-and reading the data position of a checkpoint (dtrain/engine.py's pure helpers)."""
+and reading the data position of a checkpoint (dtrain/train/schedule.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtrain.config import Config, OptimConfig, TrainConfig
-from dtrain.engine import checkpoint_position, lr_factor, refit_schedule, schedule_progress
-from dtrain.plan import Position
+from dtrain.data.plan import Position
+from dtrain.train.schedule import checkpoint_position, lr_factor, refit_schedule, schedule_progress
 
 pytestmark = pytest.mark.unit
 

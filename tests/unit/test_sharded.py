@@ -14,9 +14,9 @@ import torch
 
 from dtrain import shm
 from dtrain.config import Config, OptimConfig
-from dtrain.engine import make_optimizer
 from dtrain.models import mlp
 from dtrain.sharded import ShardedOptimizer
+from dtrain.train.step import make_optimizer
 
 from shm_ranks import group as _group, run as _run  # isort: skip
 

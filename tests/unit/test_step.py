@@ -10,8 +10,8 @@ from torch import nn
 
 from dtrain import models
 from dtrain.config import ModelConfig
-from dtrain.engine import StepCounts, forward_backward
-from dtrain.stream import Batch
+from dtrain.data.stream import Batch
+from dtrain.train.step import StepCounts, forward_backward
 
 pytestmark = pytest.mark.unit
 
@@ -89,16 +89,16 @@ def test_only_models_made_of_known_layers_count_as_drawing_no_random_numbers():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_optimizers_are_fused_and_keep_the_plain_state(optimizer, monkeypatch):
-    from dtrain import engine
     from dtrain.config import Config, OptimConfig
+    from dtrain.train import step as engine_step
 
     torch.manual_seed(0)
     fused_model, plain_model = nn.Linear(5, 3), nn.Linear(5, 3)
     plain_model.load_state_dict(fused_model.state_dict())
     cfg = Config(optim=OptimConfig(optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=0.01))
-    fused = engine.make_optimizer(cfg, fused_model.parameters())
-    monkeypatch.setattr(engine, "_fusable", lambda params: False)
-    plain = engine.make_optimizer(cfg, plain_model.parameters())
+    fused = engine_step.make_optimizer(cfg, fused_model.parameters())
+    monkeypatch.setattr(engine_step, "_fusable", lambda params: False)
+    plain = engine_step.make_optimizer(cfg, plain_model.parameters())
     assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
     x = torch.randn(8, 5)
     for opt, model in ((fused, fused_model), (plain, plain_model)):

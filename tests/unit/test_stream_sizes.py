@@ -1,4 +1,4 @@
-"""How the stream sizes its requests (dtrain/stream.py): pure arithmetic, no cluster."""
+"""How the stream sizes its requests (dtrain/data/stream.py): pure arithmetic, no cluster."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dtrain.stream import AUTO_PREFETCH_BYTES, auto_prefetch, ramped, row_bytes
+from dtrain.data.stream import AUTO_PREFETCH_BYTES, auto_prefetch, ramped, row_bytes
 
 pytestmark = pytest.mark.unit
 

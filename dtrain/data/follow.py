@@ -1,6 +1,7 @@
 """Following a directory for new Parquet files (``--follow``): which files are new, in which order, and
-where training stands among them. Pure logic, no I/O: the listing comes from ``dtrain.data`` and the
-polling (with its collectives) from ``dtrain.engine``.
+where training stands among them. Pure logic, no I/O, except ``FileWaiter``: the wait for new files at
+the end of the last segment, whose listing and checks it is given (``dtrain.data.sources``,
+``Dataset.new_files``) and whose collectives make every rank see the same files at the same step.
 
 The files are trained in *segments*: the files present at start are segment 0, and each poll that finds
 new files appends one segment holding them. Each segment is one pass of the epoch plan (no shuffle) over
@@ -16,9 +17,18 @@ below the followed directory has a component starting with ``.`` or ``_`` are ig
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from dtrain import dist
+from dtrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,3 +121,67 @@ class Feed:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Feed:
         return cls([[FileEntry(**f) for f in seg] for seg in raw["segments"]], int(raw["next_offset"]))
+
+
+class FileWaiter:
+    """Waits at the end of the last segment until new files land in the followed directory.
+
+    ``wait(feed)`` polls ``--data`` every ``poll_interval`` seconds until new files land (then a segment
+    of them is added to ``feed``), or says why to stop instead: ``"signal"`` (SIGTERM/SIGINT on some
+    rank) or ``"idle"`` (none for ``idle_timeout`` seconds). Every rank naps in short sleeps, so a
+    signal is noticed at once, then all vote on stopping and take rank 0's listing: every rank sees the
+    same files at the same step. Collective: every rank calls it at the same step.
+    """
+
+    def __init__(self, source: str, poll_interval: float, idle_timeout: float | None,
+                 list_files: Callable[[str], list[FileInfo]],
+                 inspect: Callable[[list[FileInfo], int], list[FileEntry]],
+                 signalled: Callable[[], bool], stop_vote: Callable[[], float], on_bad_file: Callable[[], None]):
+        """``list_files(source)``: the Parquet files now there; ``inspect(files, next_offset)``: their
+        entries, checked and numbered; ``signalled``/``stop_vote``: this rank's signal; ``on_bad_file``:
+        called before a bad file's error leaves (to save what was learnt, so that a rerun resumes here)."""
+        self.source, self.poll_interval, self.idle_timeout = source, poll_interval, idle_timeout
+        self._list, self._inspect = list_files, inspect
+        self._signalled, self._stop_vote, self._on_bad_file = signalled, stop_vote, on_bad_file
+
+    def _poll(self, feed: Feed, since: float) -> list[FileEntry] | None:
+        """Rank 0's look at the directory: the new files' entries, [] for none yet, None when idle too long."""
+        try:
+            listing = self._list(self.source)
+        except UserError as e:  # e.g. an object store's hiccup: the next poll tries again
+            log.warning("%s; trying again in %g s", e, self.poll_interval)
+            listing = []
+        found = new_files(listing, feed.known)
+        if found:
+            return self._inspect(found, feed.next_offset)
+        timeout = self.idle_timeout
+        return None if timeout is not None and time.monotonic() - since >= timeout else []
+
+    def _nap(self) -> None:
+        deadline = time.monotonic() + self.poll_interval
+        while not self._signalled() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def wait(self, feed: Feed) -> Literal["signal", "idle"] | None:
+        since, timeout = time.monotonic(), self.idle_timeout
+        log.info("waiting for new files in %s%s", self.source,
+                 f" (stopping after {timeout:g} s without any)" if timeout is not None else "")
+        for attempt in itertools.count():
+            if attempt:
+                self._nap()
+            if dist.allreduce_sum([self._stop_vote()], name="follow-stop")[0] > 0:
+                return "signal"
+            try:
+                entries = dist.run_on_main(lambda: self._poll(feed, since), name="follow-poll")
+            except UserError:  # a bad file: save what was learnt, so that the rerun resumes here
+                self._on_bad_file()
+                raise
+            if entries is None:
+                return "idle"
+            if entries:
+                feed.add(entries)
+                log.info("%d new file(s), %d rows: %s", len(entries), sum(e.rows for e in entries),
+                         ", ".join(os.path.basename(e.path) for e in entries[:5])
+                         + (", ..." if len(entries) > 5 else ""))
+                return None
+        raise AssertionError("unreachable")

@@ -1,4 +1,4 @@
-"""Stream a rank's rows from the Dask cluster, following the epoch plan. Thin I/O over ``dtrain.plan``.
+"""Stream a rank's rows from the Dask cluster, following the epoch plan. Thin I/O over ``dtrain.data.plan``.
 
 The index goes to the data, not the data to the index: the rank sends the row indexes of a request to
 the workers holding the prepared partitions, and each returns just the requested rows. Every task
@@ -42,8 +42,9 @@ import torch
 from dask.delayed import Delayed
 from distributed import Client, Future
 
-from dtrain.data import Arrays, read_errors, take_from
-from dtrain.plan import EpochPlan, group_by_partition, rank_slice
+from dtrain.data.plan import EpochPlan, group_by_partition, rank_slice
+from dtrain.data.prepare import Arrays, take_from
+from dtrain.data.sources import read_errors
 
 log = logging.getLogger(__name__)
 

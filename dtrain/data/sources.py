@@ -1,0 +1,429 @@
+"""Where rows come from: the formats of ``--data``, listing it, reading Parquet, generated data.
+
+Sources: Parquet (directory, glob or fsspec URL), CSV (file, directory or glob), ``.npy`` (features file
+plus ``--label y.npy``), zarr (a group with arrays ``x`` and ``y``), or the generated default, each a
+lazy Dask DataFrame with one partition per file (Parquet) or per block of rows. Every problem with the
+data reaches the user as one :class:`~dtrain.errors.UserError` line naming the flag and the fix;
+problems found by a worker are raised there as :class:`~dtrain.errors.DataError`.
+
+I/O lives here and in the readers the workers call (``read_parquet_table``); the pure work on the rows
+is in ``prepare.py``, the dataset a rank sees in ``dataset.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask.dataframe as dd
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dtrain.config import DataConfig
+from dtrain.data.follow import FileInfo, ignored
+from dtrain.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+ROW_ID = "row_id"
+
+
+ARRAY_LABEL = "label"  # the label column of array sources (npy, zarr), whatever --label says
+
+
+# Rows of an array source per partition: big enough that per-task overhead is small, small enough
+# that a shuffle window of a few partitions stays a few tens of MB on the cluster.
+ARRAY_PARTITION_BYTES = 16 * 2**20
+
+
+FORMATS = ("parquet", "csv", "npy", "zarr")
+
+
+_PARQUET_EXT = (".parquet", ".pq", ".parq")
+
+
+# -- generated data --------------------------------------------------------------------------------
+
+
+def _generate_partition(i: int, rows: int, start: int, features: int, classes: int, noise: float,
+                        seed: int) -> pd.DataFrame:
+    """Partition ``i`` of the default synthetic data: two Gaussian clusters per class.
+
+    The cluster centres depend on ``seed`` alone, the rows on ``(seed, i)``, so any partition can be
+    recomputed anywhere and always comes out the same.
+    """
+    centres = np.random.default_rng([seed, 0]).normal(0.0, 1.0, size=(classes, 2, features))
+    rng = np.random.default_rng([seed, 1, i])
+    y = rng.integers(0, classes, size=rows)
+    which = rng.integers(0, 2, size=rows)
+    x = centres[y, which] + rng.normal(0.0, noise, size=(rows, features))
+    df = pd.DataFrame(x.astype(np.float32), columns=[f"f{j}" for j in range(features)])
+    df.insert(0, ROW_ID, np.arange(start, start + rows, dtype=np.int64))
+    df["label"] = y.astype(np.int64)
+    return df
+
+
+def generated(cfg: DataConfig, seed: int) -> dd.DataFrame:
+    """The default synthetic classification dataset, produced partition by partition on the workers."""
+    parts = min(cfg.gen_partitions, cfg.gen_rows)
+    sizes = [cfg.gen_rows // parts + (1 if i < cfg.gen_rows % parts else 0) for i in range(parts)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    meta = _generate_partition(0, 0, 0, cfg.gen_features, cfg.gen_classes, cfg.gen_noise, seed)
+    return dd.from_map(
+        _generate_partition,
+        range(parts),
+        sizes,
+        starts,
+        [cfg.gen_features] * parts,
+        [cfg.gen_classes] * parts,
+        [cfg.gen_noise] * parts,
+        [seed] * parts,
+        meta=meta,
+        enforce_metadata=False,
+        label="dtrain-generate",
+    )
+
+
+# -- finding the files -----------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its package is missing
+        raise UserError(f"--data: cannot open {path!r} ({_first_line(e)}); check the URL or install "
+                        "the fsspec package for its protocol") from None
+
+
+def _matches(path: str) -> list[str]:
+    """The files or directories ``path`` names (a glob may name many); empty when there are none."""
+    fs, root = _fs(path)
+    try:
+        if fs.exists(root):
+            return [root]
+        return sorted(fs.glob(root)) if any(c in root for c in "*?[") else []
+    except OSError as e:
+        raise UserError(f"--data: cannot list {path!r} ({_first_line(e)}); check the path and credentials") from None
+
+
+_SUFFIXES = (("parquet", _PARQUET_EXT), ("csv", (".csv", ".csv.gz")), ("npy", (".npy",)), ("zarr", (".zarr",)))
+
+
+def data_format(cfg: DataConfig) -> str | None:
+    """The format of ``--data`` (``--format``, else guessed from the names); None for generated data."""
+    if cfg.data is None:
+        return None
+    found = _matches(cfg.data)
+    if not found:
+        raise UserError(f"--data: no such file or directory {cfg.data!r}; check the path")
+    if cfg.format != "auto":
+        return cfg.format
+    names = [str(n).rstrip("/") for n in found]
+    fs, _ = _fs(cfg.data)
+    if len(found) == 1 and not names[0].endswith(".zarr") and fs.isdir(found[0]):
+        names = [str(n).rstrip("/") for n in fs.ls(found[0], detail=False)]
+        if not names:
+            raise UserError(f"--data: {cfg.data!r} is an empty directory; point --data at the dataset's files")
+        if any(os.path.basename(n) in ("zarr.json", ".zgroup") for n in names):
+            return "zarr"
+        if any(os.path.basename(n) == "_metadata" for n in names):
+            return "parquet"
+    for fmt, exts in _SUFFIXES:
+        if any(n.endswith(exts) for n in names):
+            return fmt
+    raise UserError(f"--data: cannot tell the format of {cfg.data!r}; pass --format {'|'.join(FORMATS)}")
+
+
+def _files(cfg: DataConfig, fmt: str) -> list[str]:
+    """The data files of ``--data`` (a file, directory or glob); refuses a selection without any."""
+    assert cfg.data is not None
+    exts = dict(_SUFFIXES)[fmt]
+    fs, _ = _fs(cfg.data)
+    files: list[str] = []
+    for m in _matches(cfg.data):
+        # Names starting with . or _ are bookkeeping (_SUCCESS, .crc), as for Spark and pyarrow.
+        inside = sorted(fs.find(m)) if fs.isdir(m) else [m]
+        files += [f for f in inside if f.endswith(exts) and not os.path.basename(f).startswith((".", "_"))]
+    if not files:
+        raise UserError(f"--data: no {fmt} files ({', '.join(exts)}) in {cfg.data!r}; check the path or --format")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return files if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in files]
+
+
+# -- Parquet, file by file (and a followed directory, listed again and again) ----------------------
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time from an fsspec listing entry, in seconds (local, S3, GCS and Azure spell it differently)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            continue
+        return float(value)
+    return 0.0
+
+
+def follow_root(source: str) -> str:
+    """The followed directory of ``source`` (a directory or a glob); refuses anything else."""
+    fs, root = _fs(source)
+    if any(c in root for c in "*?["):
+        return source
+    if not fs.isdir(root):
+        raise UserError(f"--follow: --data {source!r} is not a directory or a glob; point --data at the "
+                        "directory the Parquet files land in")
+    return source
+
+
+def list_parquet(source: str) -> list[FileInfo]:
+    """The Parquet files now in ``source`` (a directory, searched recursively, or a glob), unordered.
+
+    Paths with a component starting with ``.`` or ``_`` below the directory (or the glob's fixed part) are
+    skipped: files being written. One listing with details per call, not a request per file.
+    """
+    fs, root = _fs(source)
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        fs.invalidate_cache()  # object stores cache listings: a poll must see new files
+    pattern = any(c in root for c in "*?[")
+    base = root.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if pattern else root
+    try:
+        infos = fs.glob(root, detail=True) if pattern else fs.find(root, detail=True)
+        if pattern:  # a glob may name directories: their files count too
+            for name, info in list(infos.items()):
+                if info.get("type") == "directory":
+                    del infos[name]
+                    infos.update(fs.find(name, detail=True))
+    except OSError as e:
+        raise UserError(f"--follow: cannot list {source!r} ({_first_line(e)}); "
+                        "check the path and credentials") from None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    out = []
+    for name, info in infos.items():
+        relative = name[len(base):] if name.startswith(base) else os.path.basename(name)
+        if not name.endswith(_PARQUET_EXT) or ignored(relative) or info.get("type") == "directory":
+            continue
+        path = name if protocol in ("file", "local") else fs.unstrip_protocol(name)
+        out.append(FileInfo(path, _mtime(info), int(info.get("size") or 0)))
+    return out
+
+
+def parquet_meta(path: str) -> pd.DataFrame:
+    """An empty DataFrame with the columns and dtypes of a Parquet file (its schema only is read)."""
+    fs, p = _fs(path)
+    with read_errors(repr(path)), fs.open(p, "rb") as f:
+        return pq.read_schema(f).empty_table().to_pandas()
+
+
+def read_parquet_table(path: str, columns: tuple[str, ...], rows: int | None = None,
+                       offset: int | None = None, flag: str = "--data") -> pa.Table:
+    """``columns`` of one Parquet file; rows numbered from ``offset`` when given. Runs on a worker.
+
+    ``rows``: the row count recorded when the file was first read; a file that changed since is refused
+    (its rows would no longer be the ones the plan and a resumed run expect). ``flag`` starts the errors.
+    """
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{flag}: {path} has no column {missing[0]!r} (columns: {', '.join(names)}); "
+                            f"write every file with the columns of the first ones ({', '.join(columns)})")
+        table = pf.read(columns=list(columns))
+    if rows is not None and table.num_rows != rows:
+        raise DataError(f"{flag}: {path} changed after it was read ({rows} rows then, {table.num_rows} now); "
+                        "never change a file once it landed: write a new one")
+    if offset is not None:  # files without row ids of their own
+        table = table.append_column(ROW_ID, pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64)))
+    return table
+
+
+def read_parquet_file(path: str, columns: tuple[str, ...], rows: int | None = None,
+                      offset: int | None = None, flag: str = "--data") -> pd.DataFrame:
+    """:func:`read_parquet_table` as a DataFrame (the partitions of a Parquet source's Dask frame)."""
+    return read_parquet_table(path, columns, rows, offset, flag).to_pandas()
+
+
+def parquet_rows(path: str) -> int:
+    """The rows of a Parquet file, from its footer. Runs on a worker."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+def parquet_source(files: list[str]) -> dd.DataFrame:
+    """Parquet files, one partition per file, in the order given (only the columns used are read)."""
+    meta = parquet_meta(files[0])
+    return dd.from_map(read_parquet_file, files, columns=tuple(map(str, meta.columns)), meta=meta,
+                       enforce_metadata=False, label="dtrain-parquet")
+
+
+# -- array sources (npy, zarr): opened on whichever process reads the rows -------------------------
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """A features array and its labels, by location: cheap to pickle into every task.
+
+    An array opened with ``np.load(mmap_mode="r")`` pickles *with its contents*, so a graph holding one
+    would ship the whole file to the cluster; each task opens the file itself and reads its rows only.
+    """
+
+    kind: str  # "npy" or "zarr"
+    x: str  # npy: the features file; zarr: the store URL
+    y: str  # npy: the labels file; zarr: the label array's name
+    x_name: str = "x"
+
+    def open(self) -> tuple[Any, Any]:
+        if self.kind == "npy":
+            return np.load(self.x, mmap_mode="r"), np.load(self.y, mmap_mode="r")
+        import zarr
+
+        group = zarr.open_group(self.x, mode="r")
+        return group[self.x_name], group[self.y]
+
+
+def _array_partition(src: ArraySource, lo: int, hi: int) -> pd.DataFrame:
+    """Rows ``[lo, hi)`` of an array source as a DataFrame ``row_id, f0..fN-1, label``."""
+    x, y = src.open()
+    width = int(np.prod(x.shape[1:]))  # images and other n-d rows become flat feature vectors
+    df = pd.DataFrame(np.asarray(x[lo:hi]).reshape(hi - lo, width), columns=[f"f{j}" for j in range(width)])
+    df.insert(0, ROW_ID, np.arange(lo, hi, dtype=np.int64))
+    df[ARRAY_LABEL] = np.asarray(y[lo:hi]).reshape(hi - lo)
+    return df
+
+
+def _check_arrays(x: Any, y: Any, cfg: DataConfig) -> None:
+    if len(x.shape) < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise UserError(f"--data: the features in {cfg.data!r} must be a numeric array of shape (rows, features), "
+                        f"got {x.dtype} {tuple(x.shape)}; save them as a 2-D numeric array")
+    if len(y.shape) not in (1, 2) or (len(y.shape) == 2 and y.shape[1] != 1):
+        raise UserError(f"--label: the labels must be one value per row, got shape {tuple(y.shape)}; "
+                        "save them as a 1-D array")
+    if y.shape[0] != x.shape[0]:
+        raise UserError(f"--label: {y.shape[0]} labels for {x.shape[0]} rows of features; "
+                        "pass the labels that belong to --data")
+    if x.shape[0] == 0:
+        raise UserError(f"--data: {cfg.data!r} has no rows; use a dataset with data in it")
+
+
+def _array_frame(src: ArraySource, cfg: DataConfig) -> dd.DataFrame:
+    """An array source as a lazy DataFrame, partitioned by rows (whole zarr chunks: each read once)."""
+    x, y = src.open()
+    _check_arrays(x, y, cfg)
+    align = int(getattr(x, "chunks", (1,))[0])
+    rows = int(x.shape[0])
+    row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
+    step = max(align, ARRAY_PARTITION_BYTES // row_bytes // align * align)
+    starts = list(range(0, rows, step))
+    stops = [min(s + step, rows) for s in starts]
+    return dd.from_map(_array_partition, [src] * len(starts), starts, stops, meta=_array_partition(src, 0, 0),
+                       enforce_metadata=False, label=f"dtrain-{src.kind}")
+
+
+def _open_npy(cfg: DataConfig) -> dd.DataFrame:
+    assert cfg.data is not None
+    if "://" in cfg.data:
+        raise UserError(f"--data: .npy data must be a local file, got {cfg.data!r}; copy it locally or use Parquet")
+    if not cfg.label.endswith(".npy") or not os.path.isfile(cfg.label):
+        raise UserError(f"--label: with .npy features, --label is the labels file; {cfg.label!r} is not a .npy "
+                        "file (pass --label y.npy)")
+    src = ArraySource("npy", cfg.data, cfg.label)
+    try:
+        return _array_frame(src, cfg)
+    except ValueError as e:  # not an .npy file, or a pickled object array
+        raise UserError(f"--data: cannot load {cfg.data!r} or {cfg.label!r} as .npy ({_first_line(e)}); "
+                        "save them with numpy.save") from None
+
+
+def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
+    assert cfg.data is not None
+    try:
+        import zarr
+    except ImportError:
+        raise UserError("--format zarr: the zarr package is not installed; pip install zarr "
+                        "(or pip install 'dtrain[zarr]')") from None
+    try:
+        group = zarr.open_group(cfg.data, mode="r")
+        arrays = sorted(group.array_keys())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--data: cannot open {cfg.data!r} as a zarr group ({_first_line(e)}); "
+                        "pass a zarr group holding arrays x and y") from None
+    if "x" not in arrays:
+        raise UserError(f"--data: no array 'x' in {cfg.data!r} (arrays: {', '.join(arrays) or 'none'}); "
+                        "store the features as array x")
+    label = cfg.label if cfg.label in arrays else "y" if cfg.label == "label" and "y" in arrays else None
+    if label is None:
+        raise UserError(f"--label: no array {cfg.label!r} in {cfg.data!r} (arrays: {', '.join(arrays)}); "
+                        "pass --label NAME of the label array")
+    return _array_frame(ArraySource("zarr", cfg.data, label), cfg)
+
+
+# -- what the data is, and its errors --------------------------------------------------------------
+
+
+def _where(cfg: DataConfig) -> str:
+    return repr(cfg.data) if cfg.data else "the generated data"
+
+
+@contextlib.contextmanager
+def read_errors(where: str) -> Iterator[None]:
+    """Errors from reading the data, here or raised by a worker, as one line naming ``--data``.
+
+    Readers (pyarrow, pandas, fsspec) fail with ``OSError`` or ``ValueError`` subclasses on unreadable
+    files; the full traceback goes to the debug log.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        log.debug("reading %s failed", where, exc_info=True)
+        raise UserError(f"--data: cannot read {where} ({_first_line(e)}); check the files and --format") from None
+
+
+def _identity(cfg: DataConfig, fmt: str | None) -> list[Any]:
+    """What the data is, for the fingerprint: the generator's parameters, or every file's name, size and date.
+
+    Dask's own tokens for file sources differ between processes, so they cannot name partitions that
+    every rank shares, nor tell whether a checkpoint was trained on this data.
+    """
+    if cfg.data is None:
+        return ["generated", cfg.gen_rows, cfg.gen_features, cfg.gen_classes, cfg.gen_partitions, cfg.gen_noise]
+    files = []
+    for path in [cfg.data, cfg.label] if fmt == "npy" else [cfg.data]:
+        fs, root = _fs(path)
+        # One listing with details (not a request per file: object stores answer slowly).
+        if fs.exists(root):
+            infos = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+        else:
+            infos = fs.glob(root, detail=True)
+        for name in sorted(infos)[:10000]:  # capped: a zarr store has a file per chunk
+            info = infos[name]
+            when = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag") if k in info), None)
+            files.append([name, info.get("size"), str(when)])
+    return [fmt, cfg.data, files]
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
