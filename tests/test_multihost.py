@@ -166,7 +166,7 @@ def test_user_tls_scheduler(testbed, tmp_path):
     args = ["--scheduler", scheduler, *SMALL, "--max-steps", "20"]
     rc, text = run_job(testbed, horovodrun("h1:1,h2:1", [*args, "--run-dir", str(tmp_path / "bare")]),
                        tmp_path / "bare.txt", timeout=200)
-    assert rc == 2, text[-4000:]
+    assert rc != 0, text[-4000:]  # horovodrun exits 1 when a rank exits 2
     lines = error_lines(text)
     assert lines and all("DASK_DISTRIBUTED__COMM__TLS__CA_FILE" in line for line in lines), text[-4000:]
     env = {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(cert), "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(cert),
@@ -179,9 +179,14 @@ def test_user_tls_scheduler(testbed, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_four_ranks_on_two_hosts_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path, optimizer):
-    """np=4 on 2 hosts ends where one process with the same global batch ends; every rank alike."""
-    args = [*SMALL, "--epochs", "2", "--optimizer", optimizer, "--lr", "0.05" if optimizer == "sgd" else "0.003",
-            "--weight-decay", "0.01"]
+    """np=4 on 2 hosts ends where one process with the same global batch ends; every rank alike.
+
+    A short horizon: across hosts the gradients travel over Horovod, whose ring sums in another order
+    than one process; Adam's normalisation amplifies such 1e-7 differences in near-zero gradients (a
+    4-rank run on ONE host with DTRAIN_ALLREDUCE=horovod ends exactly where this one does, and 1e-2
+    from one process after 94 steps), so the comparison stops at step 20."""
+    args = [*SMALL, "--epochs", "1", "--max-steps", "20", "--optimizer", optimizer,
+            "--lr", "0.05" if optimizer == "sgd" else "0.003", "--weight-decay", "0.01"]
     one = dtrain_local(args, run_dir=tmp_path / "one").check()
     rc, text = run_job(testbed, horovodrun("h1:2,h2:2", ["--scheduler", bed_cluster, *args, "--run-dir",
                                                          str(tmp_path / "four")]), tmp_path / "log.txt")
