@@ -36,7 +36,8 @@ ENV = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "15"}
 
 def horovodrun(hosts: str, args: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     np = sum(int(h.split(":")[1]) for h in hosts.split(","))
-    return [HOROVODRUN, "-np", str(np), "-H", hosts, "--gloo", "--network-interfaces", NIC, *extra,
+    nic = NIC if "," in hosts else "lo"  # one host: horovodrun's rendezvous is on 127.0.0.1
+    return [HOROVODRUN, "-np", str(np), "-H", hosts, "--gloo", "--network-interfaces", nic, *extra,
             PYTHON, "-m", "dtrain", *args]
 
 
