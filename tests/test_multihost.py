@@ -229,13 +229,7 @@ def test_whole_job_sigkilled_then_rerun_ends_with_same_model(testbed, bed_cluste
 def test_dask_worker_host_lost_mid_epoch(testbed, tmp_path):
     """h2, which holds a Dask worker and no rank, is lost mid-epoch: the ranks on h1 train on from the
     worker left (lost partitions recomputed from storage), every row once per epoch."""
-    logs = tmp_path
-    sched = testbed.start("h1", [DASK, "scheduler", "--host", address("h1"), "--port", "8796",
-                                 "--dashboard-address", "127.0.0.1:0"], logs / "sched.log")
-    wait_for("the scheduler", lambda: "Scheduler at" in (logs / "sched.log").read_text(), sched, timeout=60)
-    scheduler = f"tcp://{address('h1')}:8796"
-    for host in ("h1", "h2"):
-        testbed.start(host, [DASK, "worker", scheduler, "--nthreads", "1", "--name", host], logs / f"w-{host}.log")
+    scheduler = own_cluster(testbed, tmp_path, 8796, ["h1", "h2"])
     pace = tmp_path / "pace"
     pace.touch()
     run, audit, log = tmp_path / "run", tmp_path / "audit", tmp_path / "log.txt"
@@ -262,3 +256,91 @@ def test_dask_worker_host_lost_mid_epoch(testbed, tmp_path):
     for epoch in (0, 1):
         rows = Counter(row for rec in records if rec["epoch"] == epoch for row in rec["rows"])
         assert sum(rows.values()) == train_rows and set(rows.values()) == {1}
+
+
+def own_cluster(bed: Testbed, logs: Path, port: int, workers: Sequence[str]) -> str:
+    """A scheduler on h1 and a worker on each of ``workers``, for a test that breaks some of them."""
+    sched = bed.start("h1", [DASK, "scheduler", "--host", address("h1"), "--port", str(port),
+                             "--dashboard-address", "127.0.0.1:0"], logs / "sched.log")
+    wait_for("the scheduler", lambda: "Scheduler at" in (logs / "sched.log").read_text(), sched, timeout=60)
+    scheduler = f"tcp://{address('h1')}:{port}"
+    for host in workers:
+        bed.start(host, [DASK, "worker", scheduler, "--nthreads", "1", "--name", host], logs / f"w-{host}.log")
+    return scheduler
+
+
+ELASTIC_TRAIN = ["--gen-rows", "20000", "--global-batch-size", "64", "--epochs", "2", "--optimizer", "sgd",
+                 "--momentum", "0", "--lr", "0.05", "--model", "paced_model:factory", "--log-every", "10",
+                 "--commit-every", "20"]
+
+
+def run_elastic(bed: Testbed, tmp_path: Path, disrupt: Any) -> tuple[Path, Path]:
+    """An elastic job of up to 2 x 2 ranks from h1 whose hosts come from a hosts file; ``disrupt``
+    changes the world while the training is slowed down (tests/fixtures/paced_model.py)."""
+    from test_elastic import DISCOVER
+
+    scheduler = own_cluster(bed, tmp_path, 8795, ["h1"])  # the cluster outlives any rank, on h1
+    hosts, run, audit, log, pace = (tmp_path / n for n in ("hosts", "run", "audit", "log.txt", "pace"))
+    hosts.write_text("h1:2\nh2:2\n")
+    pace.touch()
+    cmd = [HOROVODRUN, "-np", "4", "--min-np", "2", "--max-np", "4", "--host-discovery-script", DISCOVER,
+           "--network-interfaces", NIC, "--gloo-timeout-seconds", "10", "--blacklist-cooldown-range", "2", "4",
+           PYTHON, "-m", "dtrain", "--scheduler", scheduler, "--run-dir", str(run), "--audit-dir", str(audit),
+           *ELASTIC_TRAIN]
+    env = {**ENV, "DTRAIN_HOSTS_FILE": str(hosts), "PYTHONPATH": str(REPO / "tests" / "fixtures"),
+           "PACED_MODEL_FILE": str(pace), "PACED_MODEL_SECONDS": "0.03"}
+    proc = bed.start("h1", cmd, log, env=env)
+    try:
+        disrupt(proc, run, hosts)
+        pace.unlink()
+        assert proc.wait(timeout=300) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run, audit
+
+
+def until_world(run: Path, size: int, after: int) -> Any:
+    return lambda: next((m for m in metrics_lines(run)[after:] if m["world_size"] == size), None)
+
+
+def test_elastic_host_lost_then_back(testbed, tmp_path):
+    """h2 is lost (its processes SIGKILLed, its link down): training goes on with h1's 2 ranks; h2
+    comes back and the job grows to 4 again. Every row once per epoch beyond the rollback."""
+    from test_elastic import check_audit
+
+    def disrupt(proc: Any, run: Path, hosts: Path) -> None:
+        wait_for("step 40 on 4 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 40
+                                                and m["world_size"] == 4], proc, timeout=300)
+        seen = len(metrics_lines(run))
+        testbed.kill_host("h2")
+        testbed.link("h2", False)
+        wait_for("training on 2 ranks", until_world(run, 2, seen), proc, timeout=120)
+        seen = len(metrics_lines(run))
+        testbed.link("h2", True)
+        testbed.start_host("h2")
+        wait_for("h2 back: 4 ranks", until_world(run, 4, seen), proc, timeout=180)
+
+    run, audit = run_elastic(testbed, tmp_path, disrupt)
+    sizes = [m["world_size"] for m in metrics_lines(run)]
+    assert sizes[0] == 4 and 2 in sizes and sizes[-1] == 4
+    assert check_audit(audit, run) <= 20  # at most the steps since the last commit, trained again
+
+
+def test_elastic_host_removed_gracefully_then_back(testbed, tmp_path):
+    from test_elastic import check_audit
+
+    def disrupt(proc: Any, run: Path, hosts: Path) -> None:
+        wait_for("step 40 on 4 ranks", lambda: [m for m in metrics_lines(run) if m["step"] >= 40
+                                                and m["world_size"] == 4], proc, timeout=300)
+        seen = len(metrics_lines(run))
+        hosts.write_text("h1:2\n")
+        wait_for("training on 2 ranks", until_world(run, 2, seen), proc, timeout=120)
+        seen = len(metrics_lines(run))
+        hosts.write_text("h1:2\nh2:2\n")
+        wait_for("h2 back: 4 ranks", until_world(run, 4, seen), proc, timeout=180)
+
+    run, audit = run_elastic(testbed, tmp_path, disrupt)
+    sizes = [m["world_size"] for m in metrics_lines(run)]
+    assert sizes[0] == 4 and 2 in sizes and sizes[-1] == 4
+    assert check_audit(audit, run) == 0  # graceful changes take effect at commits: nothing retrained
