@@ -171,8 +171,8 @@ case "$cmd" in
     if [ "$2" != 0 ]; then
       ip netns exec "$(ns "$1")" nft -f - <<EOF
 table inet dtloss {
-  chain in { type filter hook input priority 0; meta random mod 100 < $2 drop; }
-  chain out { type filter hook output priority 0; meta random mod 100 < $2 drop; }
+  chain in { type filter hook input priority 0; numgen random mod 100 < $2 drop; }
+  chain out { type filter hook output priority 0; numgen random mod 100 < $2 drop; }
 }
 EOF
     fi ;;
