@@ -105,15 +105,17 @@ def test_hosts_are_hosts(testbed):
 
 
 def test_embedded_cluster_spans_hosts_over_tls(testbed, tmp_path):
-    """No --scheduler on two hosts: the ranks share rank 0's embedded cluster over TLS, and a client
-    without the run's certificate cannot use it."""
+    """launch/multihost.sh with no --scheduler on two hosts: the ranks share rank 0's embedded cluster
+    over TLS, and a client without the run's certificate cannot use it."""
     run, log = tmp_path / "run", tmp_path / "log.txt"
     pace = tmp_path / "pace"
     pace.touch()
     args = ["--gen-rows", "20000", "--global-batch-size", "64", "--model", "paced_model:factory", "--optimizer",
             "sgd", "--epochs", "1", "--run-dir", str(run)]
     env = {**ENV, "PYTHONPATH": str(REPO / "tests" / "fixtures"), "PACED_MODEL_FILE": str(pace)}
-    proc = testbed.start("h1", horovodrun("h1:1,h2:1", args), log, env=env)
+    # As a user starts it: the documented launcher, on h1.
+    launcher = [str(REPO / "launch" / "multihost.sh"), "-H", "h1:1,h2:1", "--network-interface", NIC, "--", *args]
+    proc = testbed.start("h1", launcher, log, env=env)
     try:
         found = wait_for("the embedded cluster's address",
                          lambda: re.search(r"embedded Dask cluster at (tls://[\d.]+:\d+)", log.read_text()), proc)
