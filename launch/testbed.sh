@@ -75,7 +75,7 @@ down() {
     rm -rf "/etc/netns/$(ns "$host")"
   done
   if ip netns list | awk '{print $1}' | grep -qx "$brns"; then ip netns delete "$brns"; fi
-  rm -rf "$state"
+  rm -rf /etc/netns/dt-h[0-9]* "$state"  # also what a crashed run left without its namespace
 }
 
 up() {

@@ -89,7 +89,7 @@ class Testbed:
             return int((Path(self.env["DTRAIN_TESTBED_DIR"]) / host / "sshd.pid").read_text())
         return None
 
-    def _kept(self) -> set[int]:
+    def kept(self) -> set[int]:
         kept = set()
         for pid in self.keep:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -119,7 +119,7 @@ class Testbed:
             self.link(host, True)
             self.shape(host, "off")
             self.loss(host, 0)
-        kept = self._kept()
+        kept = self.kept()
         for host in self.hosts:
             sshd = self.sshd(host)
             for pid in self.pids(host):
