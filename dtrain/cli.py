@@ -6,11 +6,12 @@ import argparse
 import glob
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from dtrain.config import Config, UserError, coerce, field_type, load_yaml, section_fields
+from dtrain.config import Config, HostError, UserError, coerce, field_type, load_yaml, section_fields
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,17 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message}; see {self.prog} --help")
 
 
-def _fail(message: str) -> NoReturn:
-    # Under horovodrun every rank sees the same bad input: rank 0 alone says so.
-    if os.environ.get("HOROVOD_RANK", "0") == "0":
-        print(f"dtrain: error: {message}", file=sys.stderr)
+def _fail(message: str, error: BaseException | None = None) -> NoReturn:
+    # Under horovodrun every rank sees the same flags and the same results of rank 0's checks: rank 0
+    # alone says so. A HostError is this rank's own (its host could not do something): this rank says
+    # so, whichever it is, and names itself wherever that is not obvious (not rank 0 on one host).
+    rank = os.environ.get("HOROVOD_RANK", "0")
+    relayed = getattr(error, "dtrain_relayed", False)  # rank 0's error, raised here to stop (dist.run_on_main)
+    if not relayed and (isinstance(error, HostError) or rank == "0"):
+        where = ""
+        if rank != "0" or os.environ.get("HOROVOD_CROSS_SIZE", "1") != "1":
+            where = f" (rank {rank} on host {socket.gethostname()})"
+        print(f"dtrain: error: {message}{where}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -98,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run(config)
     except UserError as e:
-        _fail(str(e))
+        _fail(str(e), e)
     except Exception as e:
         from dtrain import dist
 

@@ -2,6 +2,16 @@
 
 Under horovodrun the embedded cluster is started by rank 0 alone; the other ranks connect to the
 address it broadcasts, so all ranks share one cluster and its cached partitions.
+
+While the ranks share one host the embedded cluster listens on loopback only. When they span
+several hosts it listens on rank 0's address on the interface horovodrun chose for Gloo, and since
+a Dask scheduler runs whatever it is sent, it then speaks TLS with a certificate and key made for
+this run (``Security.temporary()``), which the other ranks receive from rank 0 over Horovod: only
+the job's own processes can connect. Its workers run on rank 0's host; ranks elsewhere fetch their
+rows from them over the network (docs/deploy.md, "Several hosts").
+
+A cluster of the user's own (``--scheduler``) is reached with Dask's configuration, so
+``tls://`` addresses take their certificates from ``DASK_DISTRIBUTED__COMM__TLS__*`` variables.
 """
 
 from __future__ import annotations
@@ -14,9 +24,10 @@ from collections.abc import Iterator
 import dask
 import psutil
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
 from dtrain import dist
-from dtrain.config import ClusterConfig, UserError
+from dtrain.config import ClusterConfig, HostError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +64,7 @@ def worker_environment() -> Iterator[None]:
                     del os.environ[key]
 
 
-def _local_cluster(cfg: ClusterConfig) -> LocalCluster:
+def _local_cluster(cfg: ClusterConfig, host: str = "127.0.0.1", security: Security | None = None) -> LocalCluster:
     # The ranks use the cores for training; the workers mostly wait on I/O and numpy, which release
     # the GIL. One worker per two cores (at least one), threads to fill those cores, memory shared.
     cores = dist.usable_cores()
@@ -65,19 +76,31 @@ def _local_cluster(cfg: ClusterConfig) -> LocalCluster:
             threads_per_worker=max(1, cores // workers),
             processes=True,
             memory_limit=memory,
-            dashboard_address=":0",  # any free port: a fixed 8787 collides with other clusters
-            host="127.0.0.1",
+            # any free port: a fixed 8787 collides with other clusters; on this host only
+            dashboard_address="127.0.0.1:0",
+            host=host,
+            protocol="tls://" if security else "tcp://",
+            security=security,
             silence_logs=logging.WARNING,
         )
 
 
-def _connect(address: str, timeout: float) -> Client:
+def _connect(address: str, timeout: float, security: Security | None = None) -> Client:
+    # A HostError: one host may fail to reach an address that the others reach.
     try:
-        return Client(address, timeout=timeout, set_as_default=True)
+        return Client(address, timeout=timeout, set_as_default=True, security=security)
     except (OSError, TimeoutError) as e:
-        raise UserError(
+        raise HostError(
             f"--scheduler: cannot reach the Dask scheduler at {address} within {timeout:g}s ({type(e).__name__}); "
             "check the address and that the scheduler runs, or omit --scheduler to start a local cluster"
+        ) from None
+    except TypeError as e:
+        if "ssl_context" not in str(e):
+            raise
+        raise HostError(
+            f"--scheduler: {address} speaks TLS and no certificate is configured here; set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY on every host (docs/deploy.md)"
         ) from None
 
 
@@ -90,14 +113,21 @@ def connect(cfg: ClusterConfig) -> Iterator[Client]:
     dask.config.set({"distributed.admin.low-level-log-length": 64})
     cluster: LocalCluster | None = None
     address = cfg.scheduler
+    security: Security | None = None
     if address is None:
-        def start() -> str:
-            nonlocal cluster
-            cluster = _local_cluster(cfg)
-            return str(cluster.scheduler_address)
+        host = dist.main_address()
 
-        address = dist.run_on_main(start, name="dask-address")
-    client = _connect(address, cfg.connect_timeout)
+        def start() -> tuple[str, Security | None]:
+            nonlocal cluster
+            made = None if host == "127.0.0.1" else Security.temporary()
+            cluster = _local_cluster(cfg, host, made)
+            if made is not None:
+                log.info("embedded Dask cluster at %s (TLS, a certificate made for this run)",
+                         cluster.scheduler_address)
+            return str(cluster.scheduler_address), made
+
+        address, security = dist.run_on_main(start, name="dask-address")
+    client = _connect(address, cfg.connect_timeout, security)
     try:
         yield client
         # Wait until no rank needs the cluster. Only on success: after an error the other ranks may

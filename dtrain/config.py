@@ -16,6 +16,7 @@ import yaml
 
 # Re-exported: they were defined here first, and callers import them from here.
 from dtrain.errors import ConfigError as ConfigError
+from dtrain.errors import HostError as HostError
 from dtrain.errors import UserError as UserError
 
 
@@ -57,7 +58,9 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class ClusterConfig:
     """Where the data lives: an embedded Dask cluster or an existing one."""
 
-    scheduler: str | None = doc(None, "Dask scheduler address (tcp://HOST:PORT); default: start a local cluster")
+    scheduler: str | None = doc(None, "Dask scheduler address (tcp:// or tls://HOST:PORT; tls: certificates from "
+                                   "DASK_DISTRIBUTED__COMM__TLS__*); default: start one on rank 0's host (TLS "
+                                   "when the ranks span hosts)")
     dask_workers: int = doc(0, "workers of the embedded local cluster (0: sized to the machine)")
     connect_timeout: float = doc(10.0, "seconds to wait for the Dask scheduler before giving up")
 

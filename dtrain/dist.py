@@ -207,6 +207,19 @@ def _interface_address(iface: str | None) -> str:
     return result
 
 
+def spans_hosts() -> bool:
+    """Whether the ranks run on more than one host (horovodrun's cross size; elastic worlds change)."""
+    return launched_by_horovodrun() and os.environ.get("HOROVOD_CROSS_SIZE", "1") != "1"
+
+
+def main_address() -> str:
+    """An address of rank 0's host that every rank reaches: loopback while the ranks share one host,
+    else rank 0's address on the interface horovodrun chose for Gloo (a collective: every rank calls it)."""
+    if not is_distributed() or not spans_hosts():
+        return "127.0.0.1"
+    return _interface_address(os.environ.get("HOROVOD_GLOO_IFACE"))
+
+
 def configure_threads() -> int:
     """Give each rank its share of this host's cores, unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -459,6 +472,8 @@ def run_on_main(fn: Callable[[], T], name: str = "result") -> T:
             outcome = (False, e)
     ok, value = broadcast_object(outcome, name=name)
     if not ok:
+        if not is_main():
+            value.dtrain_relayed = True  # rank 0 reports it: the other ranks raise it only to stop
         raise value
     return value
 

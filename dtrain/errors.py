@@ -13,6 +13,11 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2, no traceback."""
 
 
+class HostError(UserError):
+    """Bad input that shows on some hosts only (an address one host cannot reach): the rank that has
+    it reports it, with its host name, where other bad input is reported by rank 0 alone."""
+
+
 class ConfigError(UserError):
     """An invalid configuration value; ``flag`` is the command-line spelling of the field."""
 

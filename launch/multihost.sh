@@ -14,8 +14,11 @@
 #   -h, --help             show this help
 #
 # Every host needs passwordless ssh from this one and the repository with its venv at the SAME path
-# (run launch/setup.sh on each host, or share the checkout). Start the Dask cluster first and pass its
-# address to every rank, e.g. launch/dask_cluster.sh -n 4 on one host, then:
+# (run launch/setup.sh on each host, or share the checkout). Without --scheduler, rank 0 starts a Dask
+# cluster on its host that the other hosts reach over TLS (a certificate made for the run):
+#   launch/multihost.sh -H h1:2,h2:2 -- --run-dir /shared/runs/a
+# Or start a Dask cluster first (launch/dask_cluster.sh on one host, `dask worker` on the others) and
+# pass its address to every rank:
 #   launch/multihost.sh --hostfile hosts.txt -- --scheduler tcp://HOST:8786 --run-dir /shared/runs/a
 # Elastic (edit hosts.txt to grow or shrink the job while it runs):
 #   launch/multihost.sh --hostfile hosts.txt --min-np 2 --max-np 8 -- --scheduler tcp://HOST:8786

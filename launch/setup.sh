@@ -30,6 +30,18 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 2; }
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || die "$PYTHON is older than 3.11; set PYTHON=/path/to/python3.11+"
 
+# 0. As root with apt (CI): what the multi-host tests need (launch/testbed.sh), installed once.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server openssh-client)
+  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || missing+=(nftables)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} (the multi-host test bed)"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; } >/dev/null \
+      || log "could not install ${missing[*]}: the multi-host tests will be skipped"
+  fi
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   "$PYTHON" -m venv "$venv"

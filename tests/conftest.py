@@ -154,3 +154,32 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     proc.wait(timeout=30)
+
+
+# -- several hosts: the test bed of launch/testbed.sh -----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def testbed_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Hosts h1 and h2 (network namespaces with their own sshd and core), up for the session."""
+    import testbed as tb
+
+    reason = tb.unavailable()
+    if reason:
+        pytest.skip(reason)
+    bed = tb.Testbed(2, tmp_path_factory.mktemp("testbed"))
+    bed.up()
+    try:
+        yield bed
+    finally:
+        bed.down()
+
+
+@pytest.fixture
+def testbed(testbed_session: Any) -> Iterator[Any]:
+    """The test bed, put back after the test whatever its outcome: processes the test started on the
+    hosts killed, links up, unshaped and lossless, lost hosts' sshd running again."""
+    try:
+        yield testbed_session
+    finally:
+        testbed_session.clean()
