@@ -101,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(e))
     except Exception as e:
         from dtrain import dist
+        from dtrain.storage import StorageError
 
+        if isinstance(e, StorageError):  # the work was saved elsewhere: the message says where
+            print(f"dtrain: error: {e}", file=sys.stderr)
+            sys.exit(1)
         if not dist.peer_failure(e):
             raise
         # Another rank failed and printed its traceback; one more from every survivor is noise.

@@ -450,8 +450,10 @@ def run(cfg: Config) -> dict[str, Any]:
     seed = cfg.train.seed
     audit_name = f"worker-{os.getpid()}" if elastic else f"rank-{dist.rank()}"
     run_dir = RunDir(_run_dir(cfg), dist.is_main, cfg.data.audit_dir, audit_name)
-    run_dir.write_config(cfg)
     coord = Coordinator(cfg, cfg.run.checkpoint_dir or run_dir.checkpoints)
+    # Storage faults: both locations take a write before any data is read (dtrain/storage.py).
+    dist.run_on_main(lambda: coord.preflight(run_dir.path), name="preflight")
+    run_dir.write_config(cfg)
     coord.install_signal_handlers()
 
     with connect(cfg.cluster) as client:
@@ -494,6 +496,8 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("the %d ranks share the parameters and optimizer state; each steps a shard of them",
                      dist.size())
         epochs = 1 if online else cfg.train.epochs
+        # Storage faults: room for two checkpoints of this model, before training (dtrain/storage.py).
+        dist.run_on_main(lambda: coord.check_room(run_dir.path, model.state_dict().values()), name="room")
 
         # Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts
         # into a per-rank batch with the linear scaling rule, so the global batch and the LR follow
@@ -878,9 +882,10 @@ def run(cfg: Config) -> dict[str, Any]:
         "samples": state.samples,
         "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
         "mode": cfg.train.mode, "task": stats.task, **outcome,
+        **coord.report(),  # checkpoint failures, if any
     }
     run_dir.save_model(model.state_dict())
-    run_dir.write_json("summary.json", summary)
+    run_dir.save_summary(summary)
     run_dir.close()
     if dist.is_main():
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "model_sha256"}))
