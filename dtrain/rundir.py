@@ -7,6 +7,8 @@ optional audit log, which every rank writes to a file of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -122,16 +124,15 @@ class RunDir:
         self._audit.flush()  # a killed rank's last steps must still be on record
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.write_result("model.pt", lambda path: torch.save(dict(state), path))
+        # Serialised in memory first: torch.save into a full file system fails with a RuntimeError of
+        # its zip writer, where a plain write says OSError (ENOSPC).
+        buf = io.BytesIO()
+        torch.save(dict(state), buf)
+        self.write_result("model.pt", functools.partial(_write_bytes, data=buf.getvalue()))
 
     def save_summary(self, summary: Mapping[str, Any]) -> None:
         text = json.dumps(summary, indent=1, default=float) + "\n"
-
-        def write(path: str) -> None:
-            with open(path, "w") as f:
-                f.write(text)
-
-        self.write_result("summary.json", write)
+        self.write_result("summary.json", functools.partial(_write_bytes, data=text.encode()))
 
     def close(self) -> None:
         for f in (self._metrics, self._audit):
@@ -145,3 +146,10 @@ class RunDir:
             raise StorageError(f"--run-dir: could not write {self.path!r} ({self._rescue_reason}); the model "
                                f"and summary are in {self._rescue}; move them where they belong, and free "
                                "space or choose another --run-dir for the next run")
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the result, not the page cache, before the rename makes it the one

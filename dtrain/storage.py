@@ -102,7 +102,7 @@ def _size(n: float) -> str:
 # Tensors an optimizer keeps per parameter (momentum, Adam's two moments, Adagrad's sum).
 _OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2, "adagrad": 1}
 # What a checkpoint holds beyond the tensors (statistics, config, pickling), generously.
-CHECKPOINT_OVERHEAD = 1 << 20
+CHECKPOINT_OVERHEAD = 64 << 10
 
 
 def checkpoint_bytes(tensor_bytes: Iterable[int], optimizer: str, momentum: float = 0.0) -> int:
