@@ -180,3 +180,20 @@ def test_the_final_model_goes_to_a_rescue_directory_named_in_one_line(tmp_path: 
     assert torch.equal(torch.load(rescue / "model.pt")["w"], torch.ones(100_000))
     assert (rescue / "summary.json").read_text().strip().endswith("}")
     assert not list((full / "run").glob(".*tmp"))
+
+
+# -- how a rank ended (dtrain/supervise.py) ---------------------------------------------------------------
+
+
+def test_how_a_rank_ended_is_told_only_when_the_others_need_it() -> None:
+    from dtrain.supervise import describe
+
+    killed, exited = (lambda sig: sig), (lambda code: code << 8)  # waitpid statuses
+    assert describe(killed(9), forwarded=False) == "was killed by SIGKILL"
+    assert describe(killed(9), forwarded=True) == "was killed by SIGKILL"  # not a signal it was sent
+    assert describe(killed(15), forwarded=False) == "was killed by SIGTERM"
+    assert describe(killed(15), forwarded=True) is None  # the job is being stopped
+    assert describe(exited(1), forwarded=False) == "exited with status 1"
+    assert describe(exited(0), forwarded=False) is None
+    assert describe(exited(2), forwarded=False) is None  # bad input: every rank says so itself
+    assert describe(exited(143), forwarded=True) is None  # stopped with a checkpoint, as asked
