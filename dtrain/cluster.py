@@ -15,7 +15,7 @@ import dask
 import psutil
 from distributed import Client, LocalCluster
 
-from dtrain import dist, workerlog
+from dtrain import clusterplugins, dist
 from dtrain.config import ClusterConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def connect(cfg: ClusterConfig) -> Iterator[Client]:
 
         address = dist.run_on_main(start, name="dask-address")
     client = _connect(address, cfg.connect_timeout)
-    workerlog.install(client)  # the ranks report dtrain's data errors; the workers stay quiet about them
+    clusterplugins.install(client)  # quiet about data errors the ranks report; tasks survive a lost worker
     try:
         yield client
         # Wait until no rank needs the cluster. Only on success: after an error the other ranks may

@@ -39,3 +39,36 @@ def test_a_bad_file_among_good_ones_is_one_line_without_worker_logs(dtrain_local
     assert len(lines) == 1 and "Compute Failed" not in res.output, res.output[-3000:]
     assert lines[0].startswith("dtrain: error: --"), lines
     assert ("has no column 'f1'" if fault == "missing-column" else "'oops'") in lines[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkilled_worker_costs_a_pause_and_every_row_still_comes_once():
+    """The only worker of a cluster SIGKILLed mid-epoch: its nanny restarts it, and the tasks that were
+    homed on it run there (before dtrain.clusterplugins, they waited as no-worker for good)."""
+    import os
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    from dtrain.clusterplugins import install
+    from dtrain.config import DataConfig
+    from dtrain.data import open_dataset
+    from dtrain.plan import EpochPlan
+    from dtrain.stream import Stream
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        install(client)
+        ds = open_dataset(DataConfig(gen_rows=60_000, gen_partitions=8), 0)
+        stats = ds.compute_stats()
+        ds.use_stats(stats)
+        stream = Stream(client, ds.partitions("train"), len(stats.features), 0, 1, prefetch=16)
+        plan = EpochPlan(tuple(stats.train_sizes), 256)
+        rows = []
+        for i, batch in enumerate(stream.batches(plan)):
+            if i == 20:
+                (worker,) = cluster.workers.values()
+                os.kill(worker.process.process.pid, signal.SIGKILL)
+            rows.append(batch.row_id)
+        got = np.concatenate(rows)
+        assert len(got) == stats.train_rows and len(np.unique(got)) == stats.train_rows
