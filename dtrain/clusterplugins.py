@@ -22,6 +22,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
+log = logging.getLogger(__name__)
 _LOGGER = "distributed.worker"
 
 
@@ -63,5 +64,9 @@ class RehomeLostTasks(SchedulerPlugin):
 
 def install(client: Any) -> None:
     """Register the plugins on the cluster of ``client`` (once per name: registering again is a no-op)."""
-    client.register_plugin(QuietDataErrors())
-    client.register_plugin(RehomeLostTasks())
+    for plugin in (QuietDataErrors(), RehomeLostTasks()):
+        try:
+            client.register_plugin(plugin)
+        except Exception as e:  # e.g. a scheduler without dtrain installed cannot unpickle it
+            log.warning("could not register %s on the Dask cluster (%s); training goes on without it",
+                        plugin.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
