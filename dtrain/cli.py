@@ -103,10 +103,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(e))
     except Exception as e:
         from dtrain import dist
-        from dtrain.storage import StorageError
+        from dtrain.storage import ClusterLost, StorageError
 
         if isinstance(e, StorageError):  # the work was saved elsewhere: the message says where
             print(f"dtrain: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        if isinstance(e, ClusterLost):  # every rank stopped alike: rank 0 says so
+            if dist.rank() == 0:
+                print(f"dtrain: error: {e}", file=sys.stderr)
             sys.exit(1)
         if not dist.peer_failure(e):
             raise

@@ -45,6 +45,7 @@ from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validat
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.sharded import ShardedOptimizer
+from dtrain.storage import ClusterLost
 from dtrain.stream import Batch, Stream
 
 log = logging.getLogger(__name__)
@@ -736,7 +737,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     sync = not local_sgd or (state.global_step + 1) % cfg.train.sync_every == 0 \
                         or state.global_step + 1 >= total_steps or (last_of_epoch and (follow or epoch_plan.cut))
                     if sync:
-                        counts.vote(coord.stop_flag)  # a signal on any rank stops every rank after this step
+                        # a signal on any rank (or its lost Dask scheduler) stops every rank after this step
+                        counts.vote(coord.stop_flag or float(train_stream.lost))
                     if not local_sgd and sharded is None:
                         # (3) one fused collective: gradients + loss + counts (Adasum needs a second one).
                         t_sync = time.perf_counter()
@@ -817,6 +819,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
             if meter.rows:
                 last_loss = meter.loss / meter.rows
+            if stop and not coord.signal:  # faults: a rank lost the Dask scheduler (Stream.lost)
+                checkpoint(sync=True)
+                coord.close()
+                raise ClusterLost(cfg.cluster.scheduler or "the embedded cluster", state.global_step, coord.retry)
             if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
                 status = coord.save_and_stop(lambda: checkpoint(sync=True))
                 log.warning("stopped at step %d; checkpoint saved in %s", state.global_step, coord.location)

@@ -28,6 +28,17 @@ class StorageError(Exception):
     """Work could not be saved where asked, and was saved elsewhere: one line naming both, exit 1."""
 
 
+class ClusterLost(Exception):
+    """Every rank stopped at the same step because the Dask scheduler went away: one line, exit 1."""
+
+    def __init__(self, address: str, step: int, retry: SaveRetry):
+        saved = (f"checkpoint saved at step {step}" if not retry.failures
+                 else f"the checkpoint of step {step} failed ({retry.last_error}), the last good one is of step "
+                      f"{retry.last_good_step}")
+        super().__init__(f"lost the Dask scheduler at {address}; {saved}; rerun the same command once the "
+                         "cluster is back")
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols or "local" in protocols
