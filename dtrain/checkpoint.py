@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})$")
+TMP_MARK = ".tmp-"  # a checkpoint being written locally: .step-N.tmp-XXXXXXXX
+_TMP_NAME = re.compile(r"^\.step-\d{8,}\.tmp-[0-9a-f]{8}$")
 
 
 def model_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -121,6 +123,7 @@ class Checkpointer:
         self._staged.set()
         self.last_block_seconds = 0.0  # the loop's wait for the last save_async, its fence() included
         self.last_write_seconds = 0.0
+        self._step = -1  # of the write in flight
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -136,23 +139,34 @@ class Checkpointer:
         name = f"step-{step:08d}"
         local = "file" in self.fs.protocol or "local" in self.fs.protocol
         final = self._path(name)
-        target = self._path(f".{name}.tmp-{uuid.uuid4().hex[:8]}") if local else final
-        self.fs.makedirs(target, exist_ok=True)
-        with self.fs.open(f"{target}/state.pt", "wb") as f:
-            f.write(data)
-        _fsync_local(self.fs, f"{target}/state.pt")
+        target = self._path(f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}") if local else final
         manifest = {"format": FORMAT_VERSION, "step": step, "sha256": hashlib.sha256(data).hexdigest(),
                     "bytes": len(data), "time": time.time(), **(meta or {})}
-        with self.fs.open(f"{target}/MANIFEST.json", "w") as f:
-            json.dump(manifest, f, indent=1)
-        if local:
-            _fsync_local(self.fs, f"{target}/MANIFEST.json")
-            if self.fs.exists(final):  # a re-save of the same step (e.g. after a rollback)
-                self.fs.rm(final, recursive=True)
-            os.replace(target, final)
-            _fsync_local(self.fs, self.root)
+        try:
+            self.fs.makedirs(target, exist_ok=True)
+            with self.fs.open(f"{target}/state.pt", "wb") as f:
+                f.write(data)
+            _fsync_local(self.fs, f"{target}/state.pt")
+            with self.fs.open(f"{target}/MANIFEST.json", "w") as f:
+                json.dump(manifest, f, indent=1)
+            if local:
+                _fsync_local(self.fs, f"{target}/MANIFEST.json")
+                if self.fs.exists(final):  # a re-save of the same step (e.g. after a rollback)
+                    self.fs.rm(final, recursive=True)
+                os.replace(target, final)
+                _fsync_local(self.fs, self.root)
+        except BaseException:
+            # A full disk or a store's error: the partial files go (they hold the space that is
+            # missing, and an object store's would be a step directory without its manifest).
+            with contextlib.suppress(Exception):
+                if self.fs.exists(target):
+                    self.fs.rm(target, recursive=True)
+            raise
         self.last_write_seconds = time.perf_counter() - t0
-        self._prune(step)
+        try:
+            self._prune(step)
+        except Exception as e:  # the checkpoint is written; older ones staying is no failure of it
+            log.warning("could not remove old checkpoints in %s (%s)", self.root, e)
         return final
 
     def save_async(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
@@ -167,6 +181,7 @@ class Checkpointer:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         snap = snapshot(state, self._buffers, defer=defer, pending=pending)
         self._staged.clear()
+        self._step = step
         self.last_block_seconds = time.perf_counter() - t0
 
         def target() -> None:
@@ -195,6 +210,17 @@ class Checkpointer:
         self.last_block_seconds += waited
         return waited
 
+    def collect(self, block: bool = False) -> tuple[int, BaseException | None] | None:
+        """The step and error (None: written) of the last async write once it has ended, reported once;
+        None while it runs (``block``: wait for it) or when there is none to report."""
+        thread = self._thread
+        if thread is None or (thread.is_alive() and not block):
+            return None
+        thread.join()
+        self._thread = None
+        err, self._error = self._error, None
+        return self._step, err
+
     def wait(self) -> None:
         """Wait for the write in flight; raise if it failed."""
         if self._thread is not None:
@@ -218,18 +244,32 @@ class Checkpointer:
 
     # -- finding and loading --------------------------------------------------------------------------
 
-    def list(self) -> list[tuple[int, str]]:
-        """Committed checkpoints (manifest present), oldest first. Not yet verified."""
+    def _entries(self) -> list[str]:
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            return [e.rstrip("/") for e in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return []
+
+    def steps(self) -> list[tuple[int, str]]:
+        """Every step directory, committed or not, oldest first."""
         out = []
-        for e in entries:
-            m = _NAME.match(e.rstrip("/").rsplit("/", 1)[-1])
-            if m and self.fs.exists(f"{e}/MANIFEST.json"):
+        for e in self._entries():
+            m = _NAME.match(e.rsplit("/", 1)[-1])
+            if m:
                 out.append((int(m.group(1)), e))
         return sorted(out)
+
+    def list(self) -> list[tuple[int, str]]:
+        """Committed checkpoints (manifest present), oldest first. Not yet verified."""
+        return [(step, e) for step, e in self.steps() if self.fs.exists(f"{e}/MANIFEST.json")]
+
+    def sweep(self) -> tuple[str, ...]:
+        """Remove the temporary directories of local writes that never finished (a crashed or killed
+        run's); returns them. Only at start: no write of this run is in flight then."""
+        stale = tuple(e for e in self._entries() if _TMP_NAME.match(e.rsplit("/", 1)[-1]))
+        for path in stale:
+            self.fs.rm(path, recursive=True)
+        return stale
 
     def load_path(self, path: str) -> dict[str, Any]:
         """Load and verify one checkpoint directory; CheckpointError if it is incomplete or corrupt."""
@@ -237,8 +277,10 @@ class Checkpointer:
 
     def latest(self) -> tuple[str, dict[str, Any]] | None:
         """The newest checkpoint that verifies, skipping (with a warning) any that do not."""
-        for _, path in reversed(self.list()):
+        for _, path in reversed(self.steps()):
             try:
+                if not self.fs.exists(f"{path}/MANIFEST.json"):  # deleted, or never committed
+                    raise CheckpointError(f"{path}: no MANIFEST.json (incomplete or damaged)")
                 return path, self.load_path(path)
             except CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)

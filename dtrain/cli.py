@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from dtrain import supervise
 from dtrain.config import Config, HostError, UserError, coerce, field_type, load_yaml, section_fields
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def _check_paths(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    supervise.supervise()  # under horovodrun: a parent that tells the other ranks how this one ended
     logging.basicConfig(
         level=os.environ.get("DTRAIN_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -109,12 +111,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(e), e)
     except Exception as e:
         from dtrain import dist
+        from dtrain.storage import ClusterLost, StorageError
 
+        if isinstance(e, StorageError):  # the work was saved elsewhere: the message says where
+            print(f"dtrain: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        if isinstance(e, ClusterLost):  # every rank stopped alike: rank 0 says so
+            if dist.rank() == 0:
+                print(f"dtrain: error: {e}", file=sys.stderr)
+            sys.exit(1)
         if not dist.peer_failure(e):
             raise
-        # Another rank failed and printed its traceback; one more from every survivor is noise.
-        print(f"dtrain: error: rank {dist.rank()} stopped because another rank failed; "
-              "see that rank's traceback above", file=sys.stderr)
+        # Another rank failed: one line naming it, its host and how it ended (its parent recorded that,
+        # dtrain/supervise.py); a traceback from every survivor would be noise.
+        ended = supervise.peer_end(dist.rank(), dist.size())
+        if ended is None:
+            told = "see that rank's traceback above, if it printed one"
+        elif "killed by" in ended:
+            told = f"{ended}; rerun the same command to resume from the last checkpoint"
+        else:
+            told = f"{ended}; see its traceback above"
+        print(f"dtrain: error: rank {dist.rank()} stopped because another rank failed: {told}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -26,7 +26,7 @@ import psutil
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from dtrain import dist
+from dtrain import clusterplugins, dist
 from dtrain.config import ClusterConfig, HostError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def connect(cfg: ClusterConfig) -> Iterator[Client]:
 
         address, security = dist.run_on_main(start, name="dask-address")
     client = _connect(address, cfg.connect_timeout, security)
+    clusterplugins.install(client)  # quiet about data errors the ranks report; tasks survive a lost worker
     try:
         yield client
         # Wait until no rank needs the cluster. Only on success: after an error the other ranks may

@@ -20,9 +20,10 @@ final checkpoint is written; the job is resumable with the same command.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from dtrain import dist
 from dtrain.checkpoint import Checkpointer, CheckpointError, load
 from dtrain.config import Config, UserError
+from dtrain.storage import SaveRetry, check_room, checkpoint_bytes, probe, reason
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Coordinator:
         self.signal: int | None = None  # the signal received on this rank, if any
         self._last_save = time.monotonic()
         self._previous: dict[int, Any] = {}
+        self.retry = SaveRetry()  # failed saves: warned once, tried again at growing intervals
 
     # -- resume ---------------------------------------------------------------------------------------
 
@@ -100,9 +103,13 @@ class Coordinator:
         run = self.cfg.run
         if self.ckpt is None:
             return False
-        if run.checkpoint_every and global_step % run.checkpoint_every == 0:
-            return True
-        return bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds
+        self._collect()
+        due = (bool(run.checkpoint_every) and global_step % run.checkpoint_every == 0) or (
+            bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds)
+        if due and not self.retry.attempt():  # saves keep failing: this due point is passed over
+            self._last_save = time.monotonic()
+            return False
+        return due
 
     def save(self, global_step: int, state: Callable[[], dict[str, Any]], meta: dict[str, Any],
              sync: bool = False, force: bool = False, defer: Callable[[torch.Tensor], bool] | None = None) -> None:
@@ -114,12 +121,41 @@ class Coordinator:
         ckpt = self._ckpt if force else self.ckpt
         if ckpt is None:
             return
+        self._collect(ckpt, block=True)
+        self._last_save = time.monotonic()
         if sync:
-            ckpt.wait()
-            ckpt.write(global_step, state(), meta)
+            try:
+                ckpt.write(global_step, state(), meta)
+            except Exception as e:  # no space, read-only, an I/O or object store error
+                self._failed(global_step, e)
+            else:
+                self._succeeded(global_step)
         else:
             ckpt.save_async(global_step, state(), meta, defer=defer)
-        self._last_save = time.monotonic()
+
+    def _collect(self, ckpt: Checkpointer | None = None, block: bool = False) -> None:
+        """Learn how the last async save ended (``block``: wait for it)."""
+        ended = (ckpt or self._ckpt).collect(block)
+        if ended is not None:
+            step, error = ended
+            if error is None:
+                self._succeeded(step)
+            else:
+                self._failed(step, error)
+
+    def _failed(self, step: int, error: BaseException) -> None:
+        """A save that failed loses nothing but itself: its partial files are gone (Checkpointer.write),
+        the last good checkpoint stays, training goes on. One warning per streak of failures."""
+        first = self.retry.failed(reason(error))
+        kept = self.retry.last_good_step
+        (log.warning if first else log.debug)(
+            "checkpoint of step %d not written to %s (%s); %s; trying again at the next due checkpoint, "
+            "then less often while it fails", step, self.location, reason(error),
+            f"step {kept}'s stays the latest" if kept is not None else "the last good one stays")
+
+    def _succeeded(self, step: int) -> None:
+        if self.retry.succeeded(step):
+            log.warning("checkpoint at step %d written to %s: checkpoints work again", step, self.location)
 
     def fence(self) -> float:
         """Before changing the tensors a save deferred: wait until the checkpoint has copied them.
@@ -130,7 +166,40 @@ class Coordinator:
         return self._ckpt.fence()
 
     def close(self) -> None:
-        self._ckpt.wait()
+        self._collect(block=True)
+
+    def sweep(self) -> None:
+        """Remove what crashed runs left half-written in the checkpoint location (rank 0, at start)."""
+        if self.ckpt is not None:
+            for path in self.ckpt.sweep():
+                log.warning("removed %s, a checkpoint an earlier run left half-written", path)
+
+    # -- before training --------------------------------------------------------------------------------
+
+    def preflight(self, run_dir: str) -> None:
+        """Before anything is read: the run directory and the checkpoint location take a write (UserError
+        naming the flag if not), and what crashed runs left half-written is swept. On rank 0 (it alone
+        writes); run it through ``dist.run_on_main`` so that every rank stops on a failure."""
+        probe(run_dir, "--run-dir")
+        if self.location != os.path.join(run_dir, "checkpoints"):
+            probe(self.location, "--checkpoint-dir")
+        self.sweep()
+
+    def check_room(self, run_dir: str, tensors: Iterable[torch.Tensor]) -> None:
+        """Before training: room for two checkpoints of this model where they go (local paths), and for
+        the final model.pt in the run directory (UserError naming the flag if not)."""
+        model = sum(t.numel() * t.element_size() for t in tensors)
+        o = self.cfg.optim
+        two = 2 * checkpoint_bytes([model], o.optimizer, o.momentum)
+        if self.cfg.run.checkpoint_dir is None:  # under the run directory: one file system for both
+            check_room(run_dir, two + model, "--run-dir", "two checkpoints and the final model")
+            return
+        check_room(self.location, two, "--checkpoint-dir", "two checkpoints of this model")
+        check_room(run_dir, model, "--run-dir", "the final model")
+
+    def report(self) -> dict[str, Any]:
+        """For summary.json: the checkpoint failures of this run, if any."""
+        return self.retry.report()
 
     # -- stopping -------------------------------------------------------------------------------------
 

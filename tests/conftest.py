@@ -117,6 +117,38 @@ def dask_client() -> Iterator[Any]:
         yield client
 
 
+# -- file systems that fail for real ------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount_tmpfs() -> Iterator[Any]:
+    """``mount(path, size=None, ro=False)``: a real tmpfs at ``path`` (small ones fill up, read-only ones
+    refuse writes), unmounted after the test. Skips where mounting is not allowed (not root)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str | None = None, ro: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([*([f"size={size}"] if size else []), *(["ro"] if ro else [])]) or "defaults"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    def remount_ro(path: Path) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    mount.remount_ro = remount_ro  # type: ignore[attr-defined]
+    try:
+        yield mount
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # -- long-running jobs that tests interrupt ---------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ from dtrain.errors import UserError
 from dtrain.policy import StepPolicy, stop_reason
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
+from dtrain.storage import ClusterLost
 from dtrain.train.evaluate import evaluate
 from dtrain.train.meter import Meter, timed
 from dtrain.train.schedule import checkpoint_position, fit_schedule, lr_factor
@@ -81,8 +82,10 @@ class Trainer:
         self.max_samples = cfg.train.max_samples
         audit_name = f"worker-{os.getpid()}" if self.elastic else f"rank-{dist.rank()}"
         self.run_dir = RunDir(run_dir_path(cfg), dist.is_main, cfg.data.audit_dir, audit_name)
-        self.run_dir.write_config(cfg)
         self.coord = Coordinator(cfg, cfg.run.checkpoint_dir or self.run_dir.checkpoints)
+        # Both locations take a write before any data is read (dtrain/storage.py).
+        dist.run_on_main(lambda: self.coord.preflight(self.run_dir.path), name="preflight")
+        self.run_dir.write_config(cfg)
         self.coord.install_signal_handlers()
 
     def _setup_data(self) -> dict[str, Any] | None:
@@ -201,6 +204,9 @@ class Trainer:
             self.client = client
             resumed = self._setup_data()
             self._setup_model()
+            # Room for two checkpoints of this model, before training (dtrain/storage.py).
+            dist.run_on_main(lambda: self.coord.check_room(self.run_dir.path, self.model.state_dict().values()),
+                             name="room")
             if resumed is not None:
                 self.load_state_dict(resumed)
             outcome = dist.run_elastic(self._train_and_save_on_reset, self.state)
@@ -232,6 +238,11 @@ class Trainer:
         stop, idle = self._fit_epochs(state)
         if self.meter.rows:
             self.last_loss = self.meter.loss / self.meter.rows
+        if stop and not self.coord.signal:  # no signal: a rank lost the Dask scheduler (Stream.lost)
+            self.checkpoint(sync=True)
+            self.coord.close()
+            raise ClusterLost(self.cfg.cluster.scheduler or "the embedded cluster", state.global_step,
+                              self.coord.retry)
         if stop:  # stopped by a signal: save where we are and leave, resumable with the same command
             status = self.coord.save_and_stop(lambda: self.checkpoint(sync=True))
             log.warning("stopped at step %d; checkpoint saved in %s", state.global_step, self.coord.location)
@@ -364,7 +375,8 @@ class Trainer:
         return stop, sync
 
     def _stop_vote(self) -> float:
-        return self.coord.stop_flag
+        # A signal on any rank, or its lost Dask scheduler, stops every rank after this step.
+        return self.coord.stop_flag or float(self.train_stream.lost)
 
     def _log(self, state: Any, epoch: int, batch: Batch) -> None:
         """A metrics line (and the progress bar) from the sums since the last one."""
@@ -428,9 +440,10 @@ class Trainer:
             "samples": state.samples,
             "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
             "mode": self.cfg.train.mode, "task": self.stats.task, **outcome,
+            **self.coord.report(),  # checkpoint failures, if any
         }
         run_dir.save_model(self.model.state_dict())
-        run_dir.write_json("summary.json", summary)
+        run_dir.save_summary(summary)
         run_dir.close()
         if dist.is_main():
             log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "model_sha256"}))

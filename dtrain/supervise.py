@@ -1,0 +1,137 @@
+"""How a rank ended, told to the other ranks: "rank 1 on host-b was killed by SIGKILL".
+
+A rank killed by a signal prints nothing, and the survivors only learn from Gloo that a peer is gone;
+only the parent of a process learns how it ended. So under a fixed-size ``horovodrun`` each rank's
+process forks at start: the child trains, the parent waits for it, forwards the signals it receives
+(horovodrun signals the process it started), records an abnormal end in horovodrun's rendezvous
+key-value store (reachable from every host of the job) and exits the way the child did. A survivor
+that sees a peer fail reads the record (:func:`peer_end`) and names the rank, its host and how it ended.
+
+Not in elastic runs, where Horovod's driver handles failed ranks itself, nor outside horovodrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+_SCOPE = "dtrain-ends"
+_CHILD = "DTRAIN_SUPERVISED"  # set in the child: never fork twice
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+_PR_SET_PDEATHSIG = 1
+
+
+def describe(status: int, forwarded: bool) -> str | None:
+    """How a rank ended, from its ``waitpid`` status, for the other ranks; None when there is nothing to
+    tell them: a normal end, bad input (every rank reports it), or a stop on a signal this process
+    forwarded (the whole job is being stopped)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return None if forwarded and sig in _FORWARDED else f"was killed by {name}"
+    code = os.WEXITSTATUS(status)
+    if code in (0, 2) or (forwarded and code > 128):
+        return None
+    return f"exited with status {code}"
+
+
+def _store() -> str | None:
+    addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+    return f"http://{addr}:{port}/{_SCOPE}" if addr and port else None
+
+
+def host() -> str:
+    """This rank's host as horovodrun names it (``-H``), else the machine's name."""
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+
+
+def wanted() -> bool:
+    return (os.environ.get("HOROVOD_RANK") is not None and _store() is not None and hasattr(os, "fork")
+            and os.environ.get("HOROVOD_ELASTIC") != "1" and os.environ.get(_CHILD) is None)
+
+
+def supervise() -> None:
+    """Fork: the child returns (and trains), the parent waits, records how it ended, and exits alike."""
+    if not wanted():
+        return
+    parent = os.getpid()
+    os.environ[_CHILD] = "1"
+    pid = os.fork()
+    if pid == 0:
+        # The parent killed (horovodrun's last resort): the child goes with it, not on as an orphan.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        return
+    forwarded = [False]
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded[0] = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            os._exit(1)
+        except InterruptedError:
+            continue
+    told = describe(status, forwarded[0])
+    if told is not None:
+        with contextlib.suppress(Exception):  # the job is ending: nothing more to do if this fails
+            record(int(os.environ["HOROVOD_RANK"]), f"rank {os.environ['HOROVOD_RANK']} on {host()} {told}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.WIFSIGNALED(status):
+        code = os.WTERMSIG(status)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP take no handler: default already
+            signal.signal(code, signal.SIG_DFL)
+        os.kill(os.getpid(), code)  # end as the child did, so horovodrun reports the same
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+def record(rank: int, text: str) -> None:
+    url = _store()
+    if url is None:
+        return
+    data = text.encode()
+    req = urllib.request.Request(f"{url}/rank-{rank}", data=data, method="PUT",
+                                 headers={"Content-Length": str(len(data))})
+    with urllib.request.urlopen(req, timeout=2):
+        pass
+
+
+def peer_end(me: int, world: int, wait: float = 3.0) -> str | None:
+    """The record of another rank's abnormal end (``rank 1 on host-b was killed by SIGKILL``), waiting
+    up to ``wait`` seconds for its parent to write it; None if none comes (e.g. its host went down)."""
+    url = _store()
+    if url is None:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        for rank in range(world):
+            if rank == me:
+                continue
+            try:
+                with urllib.request.urlopen(f"{url}/rank-{rank}", timeout=1) as r:
+                    return str(r.read().decode())
+            except (urllib.error.URLError, OSError):
+                pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)

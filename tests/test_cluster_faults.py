@@ -1,0 +1,134 @@
+"""Cluster faults in real runs (issue 23): what the user sees when data, workers or ranks fail."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import HOROVODRUN, PYTHON, metrics_lines, start_job, wait_for
+from test_storage_faults import problems
+
+from dtrain.checkpoint import Checkpointer
+
+pytestmark = pytest.mark.cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _good_files(where: Path, files: int = 3, rows: int = 400) -> None:
+    rng = np.random.default_rng(0)
+    where.mkdir()
+    for i in range(files):
+        df = pd.DataFrame({f"f{j}": rng.normal(size=rows).astype("float32") for j in range(4)})
+        df["label"] = rng.integers(0, 3, rows)
+        df.to_parquet(where / f"part-{i}.parquet")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["missing-column", "text-value"])
+def test_a_bad_file_among_good_ones_is_one_line_without_worker_logs(dtrain_local, tmp_path, fault):
+    data = tmp_path / "data"
+    _good_files(data)
+    bad = pd.read_parquet(data / "part-0.parquet")
+    if fault == "missing-column":
+        bad = bad.drop(columns=["f1"])
+    else:
+        bad["f1"] = bad["f1"].astype(str)
+        bad.loc[3, "f1"] = "oops"
+    bad.to_parquet(data / "part-9.parquet")
+    res = dtrain_local(["--data", str(data), "--epochs", "1"])
+    assert res.returncode == 2, res.output[-3000:]
+    lines = problems(res.output)
+    assert len(lines) == 1 and "Compute Failed" not in res.output, res.output[-3000:]
+    assert lines[0].startswith("dtrain: error: --"), lines
+    assert ("has no column 'f1'" if fault == "missing-column" else "'oops'") in lines[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkilled_worker_costs_a_pause_and_every_row_still_comes_once():
+    """The only worker of a cluster SIGKILLed mid-epoch: its nanny restarts it, and the tasks that were
+    homed on it run there (before dtrain.clusterplugins, they waited as no-worker for good)."""
+    import os
+    import signal
+
+    from distributed import Client, LocalCluster
+    from dtrain.plan import EpochPlan
+    from dtrain.stream import Stream
+
+    from dtrain.clusterplugins import install
+    from dtrain.config import DataConfig
+    from dtrain.data import open_dataset
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        install(client)
+        ds = open_dataset(DataConfig(gen_rows=60_000, gen_partitions=8), 0)
+        stats = ds.compute_stats()
+        ds.use_stats(stats)
+        stream = Stream(client, ds.partitions("train"), len(stats.features), 0, 1, prefetch=16)
+        plan = EpochPlan(tuple(stats.train_sizes), 256)
+        rows = []
+        for i, batch in enumerate(stream.batches(plan)):
+            if i == 20:
+                (worker,) = cluster.workers.values()
+                os.kill(worker.process.process.pid, signal.SIGKILL)
+            rows.append(batch.row_id)
+        got = np.concatenate(rows)
+        assert len(got) == stats.train_rows and len(np.unique(got)) == stats.train_rows
+
+
+def _dask(args: list[str], log) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(Path(PYTHON).parent / "dask"), *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_losing_the_scheduler_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    run = tmp_path / "run"
+    cmd = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", PYTHON, "-m", "dtrain", "--scheduler", address,
+           "--gen-rows", "40000", "--gen-partitions", "8", "--global-batch-size", "64", "--epochs", "2",
+           "--prefetch", "4", "--log-every", "10", "--run-dir", str(run)]
+
+    def cluster() -> list[subprocess.Popen[bytes]]:
+        log = open(tmp_path / "dask.log", "ab")  # noqa: SIM115
+        procs = [_dask(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"], log)]
+        procs.append(_dask(["worker", address, "--nthreads", "2", "--no-dashboard"], log))
+        return procs
+
+    procs = cluster()
+    try:
+        job = start_job(cmd, tmp_path / "job.log")
+        wait_for("step 50", lambda: any(m["step"] >= 50 for m in metrics_lines(run)), job, timeout=240)
+        for p in procs:  # the whole cluster goes: the scheduler and its worker
+            p.kill()
+            p.wait()
+        assert job.wait(timeout=120) != 0
+        output = (tmp_path / "job.log").read_text()
+        lines = [line for line in output.splitlines() if line.startswith("[") and problems(line)]
+        assert len(lines) == 1, output[-5000:]
+        m = re.search(r"dtrain: error: lost the Dask scheduler at (\S+); checkpoint saved at step (\d+); "
+                      r"rerun the same command once the cluster is back$", lines[0])
+        assert m and m.group(1) == address, lines
+        step = int(m.group(2))
+        found = Checkpointer(str(run / "checkpoints")).latest()
+        assert found is not None and found[1]["global_step"] == step >= 50
+        # The cluster back on the same address: the same command resumes from that step and finishes.
+        procs = cluster()
+        again = start_job(cmd, tmp_path / "again.log")
+        assert again.wait(timeout=300) == 0, (tmp_path / "again.log").read_text()[-5000:]
+        assert f"(step {step})" in (tmp_path / "again.log").read_text()
+    finally:
+        for p in procs:
+            p.kill()
