@@ -61,7 +61,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[]
     dist.broadcast_parameters(model, buffers_only=sharded is not None)
     random_forward = draws_random(model)
 
-    x, y = synthetic(args.rows, args.model, seed)
+    x, y = synthetic(args.rows, args.model, seed, device)  # on a GPU, rows already there: the step alone is timed
     b = args.global_batch
     lo, hi = rank_slice(b, world, rank)
     row_ids = np.arange(args.rows, dtype=np.int64)
