@@ -24,6 +24,9 @@ extras=${DTRAIN_EXTRAS:-dev}
 TORCH_VERSION=2.13.0
 HOROVOD_VERSION=0.28.1
 
+# shellcheck source=launch/horovod_source.sh
+. "$repo/launch/horovod_source.sh"
+
 log() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 2; }
 
@@ -99,7 +102,7 @@ if ! "$py" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TO
   pip install "torch==$TORCH_VERSION"
 fi
 
-# 2. Horovod, built once into the cache. 0.28.1 asks CMake for C++14, torch 2.13's headers need C++17.
+# 2. Horovod, built once into the cache, patched for C++17 (launch/horovod_source.sh).
 wheel_dir="$cache/wheels/horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-py$pyver-$ops"
 if ! "$py" -c "import horovod, horovod.torch, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
@@ -113,10 +116,7 @@ if ! "$py" -c "import horovod, horovod.torch, sys; sys.exit(horovod.__version__ 
     pip download --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
     tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
     src="$work/horovod-$HOROVOD_VERSION"
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-      "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" \
-      || die "could not patch Horovod's C++ standard; the sdist layout changed"
+    horovod_patch_cxx17 "$src" || die "could not patch Horovod's C++ standard; the sdist layout changed"
     build_env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
                HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=GLOO)
     if [ "$ops" = nccl ]; then build_env+=(HOROVOD_GPU_OPERATIONS=NCCL); fi

@@ -24,6 +24,8 @@ from torch import nn
 MODELS: dict[str, tuple[int, list[int], int]] = {
     "small": (100, [256, 256], 10),
     "large": (100, [2048, 2048], 10),
+    # A GPU kept busy (benchmarks/gpu_check.py, B1 on a GPU): 151 M parameters, seconds a step on a CPU.
+    "xlarge": (100, [8192, 8192, 8192], 10),
 }
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -55,11 +57,26 @@ def build_model(name: str) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def synthetic(rows: int, model: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic in-memory classification data for ``model``'s input and output sizes."""
+def synthetic(rows: int, model: str, seed: int = 0,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic in-memory classification data for ``model``'s input and output sizes, on ``device``
+    (the same rows whatever the device: drawn on the CPU)."""
     inputs, _, outputs = MODELS[model]
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, inputs, generator=g), torch.randint(0, outputs, (rows,), generator=g)
+    x, y = torch.randn(rows, inputs, generator=g), torch.randint(0, outputs, (rows,), generator=g)
+    return (x, y) if device is None else (x.to(device), y.to(device))
+
+
+def default_device() -> torch.device:
+    """Where a bare loop trains: the GPU dtrain would use on one rank (``cuda:0``), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _settle() -> None:
+    """Wait for the GPU's queued work, so that a window times the steps and not their queueing. A no-op
+    unless CUDA was used in this process."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Namespace,
@@ -84,18 +101,22 @@ def _steps_per_window(steps: list[Callable[[], Any]], args: argparse.Namespace) 
     for step in steps:
         for _ in range(args.warmup):
             step()
+        _settle()
         t0 = time.perf_counter()
         for _ in range(3):
             step()
+        _settle()
         per_step.append(max((time.perf_counter() - t0) / 3, 1e-6))
     return int(min(args.max_steps, max(2, args.window_seconds / max(per_step))))
 
 
 def _window(step: Callable[[], Any], steps: int, samples_per_step: int) -> float:
-    """Samples/s of ``steps`` consecutive calls of ``step``."""
+    """Samples/s of ``steps`` consecutive calls of ``step`` (on a GPU, until their work is done)."""
+    _settle()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    _settle()
     return steps * samples_per_step / (time.perf_counter() - t0)
 
 

@@ -1,4 +1,5 @@
 """Bare PyTorch: one process, torch's default threads (all usable cores), the whole batch in one step.
+On a machine with a GPU, model and data on ``cuda:0``.
 
     python benchmarks/peers/bare.py --model small --global-batch 128
 
@@ -14,15 +15,16 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _harness import build_model, measure, parser, report, synthetic
+from _harness import build_model, default_device, measure, parser, report, synthetic
 
 
 def make_step(args: argparse.Namespace) -> Callable[[], None]:
     """One bare training step per call (model, optimizer and data made here): also B1's paired run."""
+    device = default_device()
     torch.manual_seed(args.seed)
-    model = build_model(args.model)
+    model = build_model(args.model).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    x, y = synthetic(args.rows, args.model, args.seed)
+    x, y = synthetic(args.rows, args.model, args.seed, device)
     b = args.global_batch
     starts = itertools.cycle(range(0, args.rows - b + 1, b))
 

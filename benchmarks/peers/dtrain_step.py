@@ -50,7 +50,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[]
     train_step = TrainStep(cfg, model, task, device, alone=not dist.is_distributed())
     dist.broadcast_parameters(model, buffers_only=train_step.sharded is not None)
 
-    x, y = synthetic(args.rows, args.model, seed)
+    x, y = synthetic(args.rows, args.model, seed, device)  # on a GPU, rows already there: the step alone is timed
     b = args.global_batch
     lo, hi = rank_slice(b, world, rank)
     row_ids = np.arange(args.rows, dtype=np.int64)

@@ -34,6 +34,7 @@ import concurrent.futures
 import itertools
 import logging
 import mmap
+import os
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -188,7 +189,8 @@ class Stream:
         self.world_size = world_size
         self.prefetch = prefetch  # steps in flight; None: AUTO_PREFETCH_BYTES of rows
         self.device = device or torch.device("cpu")
-        self._pin = self.device.type == "cuda"
+        # DTRAIN_PIN_MEMORY=0 turns pinning off, so that benchmarks/gpu_check.py can measure what it buys.
+        self._pin = self.device.type == "cuda" and os.environ.get("DTRAIN_PIN_MEMORY", "1") != "0"
         self._held: dict[int, Future] = {}  # prepared partitions that pending requests read from
         self._workers: list[str] = []  # the cluster's workers when the current pass began
         self.max_held = 0  # the most partitions held at once (observability; tested)
