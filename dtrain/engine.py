@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtrain
-from dtrain import dist, models, shm
+from dtrain import dist, models, portable, shm
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
@@ -880,6 +880,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "mode": cfg.train.mode, "task": stats.task, **outcome,
     }
     run_dir.save_model(model.state_dict())
+    if run_dir.enabled:  # the portable model.pt2 (dtrain/portable.py): raw features in, labels out
+        portable.save_run_artifact(run_dir.path, model, stats, cfg)
     run_dir.write_json("summary.json", summary)
     run_dir.close()
     if dist.is_main():
