@@ -63,7 +63,19 @@ def _model(digest: str, kind: str, payload: Any) -> Any:
 
 def predict_part(part: data.PartGraph, model: tuple[str, str, Any], meta: dict[str, Any], label: str | None,
                  offset: int | None, out: str) -> dict[str, Any]:
-    """Predict one partition on a worker, write its Parquet file, return its metric totals."""
+    """Predict one partition on a worker, write its Parquet file, return its metric totals.
+
+    Bad data comes back as ``{"error": line}``, not raised: a raised one is also logged by the worker
+    with its traceback, and the user should read one line.
+    """
+    try:
+        return _predict_part(part, model, meta, label, offset, out)
+    except data.DataError as e:
+        return {"error": str(e)}
+
+
+def _predict_part(part: data.PartGraph, model: tuple[str, str, Any], meta: dict[str, Any], label: str | None,
+                  offset: int | None, out: str) -> dict[str, Any]:
     df = get_sync(part.graph, part.key)
     features = meta["features"]
     try:
@@ -108,7 +120,7 @@ def predict_part(part: data.PartGraph, model: tuple[str, str, Any], meta: dict[s
     if classes:
         truth = pd.Index(classes).get_indexer(y.to_numpy())
         if (truth < 0).any():
-            raise data.DataError(f"--label: value {y.to_numpy()[truth < 0][0]!r} is not one of the model's "
+            raise data.DataError(f"--label: value {y[truth < 0].tolist()[0]!r} is not one of the model's "
                                  f"{k} classes; score with data labelled as the training data was")
         assert index is not None
         p_true = np.clip(proba[np.arange(len(truth)), truth], 1e-15, 1.0)
@@ -179,12 +191,14 @@ def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfi
     if (os.path.isdir(out) and os.listdir(out)) or os.path.isfile(out):
         raise UserError(f"--out: {out!r} already exists; choose a new directory (nothing is overwritten)")
     kind, payload, meta = _payload(run_path)
+    # The schema is known from the files' metadata (or a sample of a CSV): bad data is refused before
+    # any cluster starts.
+    ddf = _frame(data_cfg)
+    fmt = data.data_format(data_cfg)
+    label = data.ARRAY_LABEL if fmt in ("npy", "zarr") else data_cfg.label
+    has_label = check_columns({str(c): t for c, t in ddf.dtypes.items()}, meta, label)
+    ddf = ddf[[c for c in ddf.columns if c in (data.ROW_ID, *meta["features"], label)]]
     with connect(cluster or ClusterConfig()) as client:
-        ddf = _frame(data_cfg)
-        fmt = data.data_format(data_cfg)
-        label = data.ARRAY_LABEL if fmt in ("npy", "zarr") else data_cfg.label
-        has_label = check_columns({str(c): t for c, t in ddf.dtypes.items()}, meta, label)
-        ddf = ddf[[c for c in ddf.columns if c in (data.ROW_ID, *meta["features"], label)]]
         parts = data._own_graphs(list(ddf.to_delayed()))
         offsets: list[int | None] = [None] * len(parts)
         if data.ROW_ID not in ddf.columns:  # rows numbered by position, as training numbers them
@@ -200,6 +214,9 @@ def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfi
                  for i, (p, o) in enumerate(zip(parts, offsets, strict=True))]
         with data.read_errors(data._where(data_cfg)):
             totals = list(dask.compute(*tasks))
+    errors = [t["error"] for t in totals if "error" in t]
+    if errors:
+        raise UserError(errors[0])
     result = metrics(totals, meta)
     with open(os.path.join(out, "_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
