@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtrain
-from dtrain import dist, models, portable, shm
+from dtrain import dist, evaldata, models, portable, shm
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
@@ -439,6 +439,7 @@ def _open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any]
 
 def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
+    cfg = evaldata.resolve(cfg)  # --eval-data: the training data unsplit (dtrain/evaldata.py)
     dist.init()
     _check_elastic(cfg)
     _check_follow(cfg)
@@ -479,6 +480,9 @@ def run(cfg: Config) -> dict[str, Any]:
             train_parts, val_parts = dataset.file_partitions(feed.segments[0], "train"), []
         else:
             train_parts, val_parts = dataset.partitions("train"), dataset.partitions("val")
+        val_sizes = stats.val_sizes
+        if cfg.data.eval_data:  # --eval-data: a separate evaluation set, with the training statistics
+            val_parts, val_sizes = evaldata.partitions(cfg, stats)
 
         # Model and optimizer: same seed everywhere, then (1) rank 0's parameters win.
         torch.manual_seed(seed)
@@ -804,7 +808,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 if stop:
                     break
                 if not online:
-                    final_eval = evaluate(model, stream(val_parts), stats.val_sizes, cfg, stats)
+                    final_eval = evaluate(model, stream(val_parts), val_sizes, cfg, stats)
                     if final_eval:
                         run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": world,
                                          **final_eval})
@@ -824,7 +828,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     final_eval = evaluate(model, stream(dataset.file_partitions(entries, "val")),
                                           [f.val for f in entries], cfg, stats)
                 else:
-                    final_eval = evaluate(model, stream(val_parts), stats.val_sizes, cfg, stats)
+                    final_eval = evaluate(model, stream(val_parts), val_sizes, cfg, stats)
             checkpoint(sync=True)
             hashes = dist.allgather_object(model_sha256(model.state_dict()), name="model-hash")
             result = {

@@ -171,3 +171,31 @@ def test_digits_two_ranks_reach_sklearn_mlp(horovodrun: Any, tmp_path: Path) -> 
     scored = json.loads(p.stdout.strip().splitlines()[-1])
     assert scored["rows"] == len(y_test)
     assert scored["accuracy"] >= reference - 0.01, (scored["accuracy"], reference)
+
+
+@pytest.mark.cluster
+def test_eval_data_is_evaluated_every_epoch_with_training_statistics(trained: dict[str, Any], tmp_path: Path) -> None:
+    held_out = _rows(300, 10_000, 42)
+    held_out.to_csv(tmp_path / "test.csv", index=False)
+    run = tmp_path / "run"
+    p = _run(["-m", "dtrain", "--data", str(trained["data"]), "--eval-data", str(tmp_path / "test.csv"),
+              "--run-dir", str(run), "--epochs", "2", "--hidden", "16", "--global-batch-size", "64",
+              "--dask-workers", "1"])
+    assert p.returncode == 0, p.stderr[-4000:]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_rows" in line]
+    assert [e["epoch"] for e in evals] == [0, 1] and all(e["eval_rows"] == 300 for e in evals)
+    stats = json.loads((run / "stats.json").read_text())
+    assert sum(stats["train_sizes"]) == len(trained["frame"]) and sum(stats["val_sizes"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    model = dtrain.load(str(run))
+    accuracy = float((model.predict(held_out) == held_out["label"]).mean())
+    assert summary["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+@pytest.mark.cluster
+def test_eval_data_with_other_columns_gets_one_line(trained: dict[str, Any], tmp_path: Path) -> None:
+    _rows(50, 0, 1).drop(columns=["f3"]).to_csv(tmp_path / "test.csv", index=False)
+    p = _run(["-m", "dtrain", "--data", str(trained["data"]), "--eval-data", str(tmp_path / "test.csv"),
+              "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--dask-workers", "1"])
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("dtrain: error: --eval-data: --features: no column 'f3'")
