@@ -199,3 +199,30 @@ def test_eval_data_with_other_columns_gets_one_line(trained: dict[str, Any], tmp
               "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--dask-workers", "1"])
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1].startswith("dtrain: error: --eval-data: --features: no column 'f3'")
+
+
+FIT = """
+import json, sys
+import pandas as pd
+import dtrain
+fitted = dtrain.fit(sys.argv[1], run_dir=sys.argv[2], epochs=2, hidden=[16], global_batch_size=64, dask_workers=1)
+df = pd.read_parquet(sys.argv[1])
+print(json.dumps({"summary": fitted.summary, "accuracy": float((fitted.predict(df) == df["label"]).mean()),
+                  "run_dir": fitted.run_dir}))
+try:
+    dtrain.fit(sys.argv[1], epoch=2)
+except dtrain.config.UserError as e:
+    print(e)
+"""
+
+
+@pytest.mark.cluster
+def test_fit_returns_the_summary_and_a_model_that_predicts(trained: dict[str, Any], tmp_path: Path) -> None:
+    p = _run(["-c", FIT, str(trained["data"]), str(tmp_path / "run")])
+    assert p.returncode == 0, p.stderr[-4000:]
+    result, error = p.stdout.strip().splitlines()[-2:]
+    fitted = json.loads(result)
+    assert fitted["summary"] == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert fitted["summary"]["epochs"] == 2 and fitted["run_dir"] == str(tmp_path / "run")
+    assert fitted["accuracy"] > 0.5  # three classes: a trained model, not chance
+    assert error.startswith("dtrain.fit: no setting 'epoch'")
