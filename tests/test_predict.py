@@ -226,3 +226,31 @@ def test_fit_returns_the_summary_and_a_model_that_predicts(trained: dict[str, An
     assert fitted["summary"]["epochs"] == 2 and fitted["run_dir"] == str(tmp_path / "run")
     assert fitted["accuracy"] > 0.5  # three classes: a trained model, not chance
     assert error.startswith("dtrain.fit: no setting 'epoch'")
+
+
+@pytest.mark.cluster
+def test_regression_predicts_values_and_scores_r2(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 3, size=(1200, 4)).astype(np.float32)
+    df = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(target=(x @ [1.0, -2.0, 0.5, 0] + 10).astype(np.float32))
+    df.to_parquet(tmp_path / "data.parquet", index=False)
+    run = tmp_path / "run"
+    p = _run(["-m", "dtrain", "--data", str(tmp_path / "data.parquet"), "--label", "target", "--run-dir", str(run),
+              "--epochs", "3", "--hidden", "16", "--global-batch-size", "32", "--lr", "0.01", "--dask-workers", "1"])
+    assert p.returncode == 0, p.stderr[-4000:]
+    model = dtrain.load(str(run))
+    assert model.task == "regression"
+    pred = model.predict(df)
+    val = is_validation(np.arange(len(df)), 0.1, 0)  # no row_id column: rows are numbered by position
+    t = df["target"].to_numpy(np.float64)[val]
+    r2 = 1 - ((pred[val] - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()
+    assert json.loads((run / "summary.json").read_text())["eval_r2"] == pytest.approx(r2, rel=1e-4)
+    p = _run(["-m", "dtrain.predict", str(run), "--data", str(tmp_path / "data.parquet"), "--out",
+              str(tmp_path / "out"), "--dask-workers", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    scored = json.loads(p.stdout.strip().splitlines()[-1])
+    assert scored["mse"] == pytest.approx(float(((pred - df["target"]) ** 2).mean()), rel=1e-5)
+    assert scored["r2"] > 0.9
+    out = pd.read_parquet(tmp_path / "out")
+    assert list(out.columns) == ["row_id", "prediction"]
+    np.testing.assert_allclose(out.sort_values("row_id")["prediction"], pred, rtol=1e-6)
