@@ -137,7 +137,9 @@ def test_bad_data_gets_one_line(trained: dict[str, Any], tmp_path: Path, change:
 @pytest.mark.cluster
 def test_unknown_class_and_no_model_get_one_line(trained: dict[str, Any], tmp_path: Path) -> None:
     trained["frame"].head(50).assign(label=5).to_csv(tmp_path / "c.csv", index=False)
-    p = _run(["-m", "dtrain.predict", str(trained["run"]), "--data", str(tmp_path / "c.csv"),
+    # A checkpoint as the model (no model.pt2: the workers get the model rebuilt from its weights).
+    [step] = sorted((trained["run"] / "checkpoints").glob("step-*"))
+    p = _run(["-m", "dtrain.predict", str(step), "--data", str(tmp_path / "c.csv"),
               "--out", str(tmp_path / "out"), "--dask-workers", "1"])
     assert p.returncode == 2, p.stderr[-3000:]
     [line] = p.stderr.strip().splitlines()
