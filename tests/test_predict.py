@@ -165,14 +165,16 @@ def test_digits_two_ranks_reach_sklearn_mlp(horovodrun: Any, tmp_path: Path) -> 
     for name, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
         pd.DataFrame(xs, columns=columns).assign(digit=ys).to_csv(tmp_path / f"{name}.csv", index=False)
     run = tmp_path / "run"
-    horovodrun(["--data", str(tmp_path / "train.csv"), "--label", "digit", "--val-fraction", "0", "--epochs", "30",
-                "--global-batch-size", "64", "--dask-workers", "1"], np=2, run_dir=run).check()
+    # The test split is also --eval-data: the 2 ranks' evaluation of it must agree with dtrain.predict's.
+    horovodrun(["--data", str(tmp_path / "train.csv"), "--label", "digit", "--eval-data", str(tmp_path / "test.csv"),
+                "--epochs", "30", "--global-batch-size", "64", "--dask-workers", "1"], np=2, run_dir=run).check()
     p = _run(["-m", "dtrain.predict", str(run), "--data", str(tmp_path / "test.csv"), "--out", str(tmp_path / "out"),
               "--dask-workers", "1"])
     assert p.returncode == 0, p.stderr[-3000:]
     scored = json.loads(p.stdout.strip().splitlines()[-1])
     assert scored["rows"] == len(y_test)
     assert scored["accuracy"] >= reference - 0.01, (scored["accuracy"], reference)
+    assert json.loads((run / "summary.json").read_text())["eval_accuracy"] == pytest.approx(scored["accuracy"])
 
 
 @pytest.mark.cluster
