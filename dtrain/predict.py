@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -212,11 +213,17 @@ def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfi
                                                         label if has_label else None, o,
                                                         os.path.join(out, f"part-{i:05d}.parquet"))
                  for i, (p, o) in enumerate(zip(parts, offsets, strict=True))]
-        with data.read_errors(data._where(data_cfg)):
-            totals = list(dask.compute(*tasks))
-    errors = [t["error"] for t in totals if "error" in t]
-    if errors:
-        raise UserError(errors[0])
+        try:
+            with data.read_errors(data._where(data_cfg)):
+                totals = list(dask.compute(*tasks))
+            errors = [t["error"] for t in totals if "error" in t]
+            if errors:
+                raise UserError(errors[0])
+        except BaseException:
+            # The directory is this run's own (it had to be new): no partial output is left to be
+            # mistaken for a complete one.
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     result = metrics(totals, meta)
     with open(os.path.join(out, "_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -144,6 +144,7 @@ def test_unknown_class_and_no_model_get_one_line(trained: dict[str, Any], tmp_pa
     assert p.returncode == 2, p.stderr[-3000:]
     [line] = p.stderr.strip().splitlines()
     assert line.startswith("dtrain: error: --label: value 5 is not one of the model's 3 classes"), line
+    assert not (tmp_path / "out").exists()  # no partial output left behind
     p = _run(["-m", "dtrain.predict", str(trained["root"]), "--data", str(tmp_path / "c.csv"),
               "--out", str(tmp_path / "out2")])
     assert p.returncode == 2
