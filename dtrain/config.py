@@ -83,6 +83,8 @@ class DataConfig:
     features: list[str] = doc([], "feature columns, comma-separated (default: every numeric column but label/row_id)")
     task: TaskChoice = doc("auto", "classification, regression, or auto (integer labels: classification)")
     val_fraction: float = doc(0.1, "fraction of rows held out for evaluation (chosen by a hash of the row id)")
+    eval_data: str | None = doc(None, "separate evaluation set (same columns as --data), evaluated after every "
+                                "epoch instead of the --val-fraction split, which then does not apply")
     fillna: float | None = doc(None, "value replacing missing features (default: missing values are an error)")
     shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
     shuffle_window: int = doc(4, "partitions whose rows are shuffled together (bounds memory on the cluster)")
@@ -121,6 +123,9 @@ class DataConfig:
         if self.follow and self.format not in ("auto", "parquet"):
             raise ConfigError("follow", f"follows Parquet files only, not --format {self.format}; "
                                         "write the stream as Parquet files")
+        if self.eval_data is not None and self.follow:
+            raise ConfigError("eval_data", "does not apply with --follow (one pass, evaluated progressively); "
+                                           "drop --eval-data")
         if self.idle_timeout is not None and not self.follow:
             raise ConfigError("idle_timeout", "only applies with --follow; add --follow or drop --idle-timeout")
 

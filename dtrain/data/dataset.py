@@ -35,13 +35,13 @@ from dtrain.data.sources import (
     ARRAY_LABEL,
     ROW_ID,
     _digest,
-    _files,
     _identity,
-    _open_npy,
-    _open_zarr,
-    _where,
+    data_files,
     data_format,
+    data_where,
     generated,
+    open_npy,
+    open_zarr,
     parquet_rows,
     parquet_source,
     read_errors,
@@ -80,7 +80,7 @@ class Stats:
         return asdict(self)
 
 
-def _own_graphs(parts: list[Delayed]) -> list[Delayed]:
+def own_graphs(parts: list[Delayed]) -> list[Delayed]:
     """Each partition with only its own tasks in its graph.
 
     ``to_delayed`` gives every partition the graph of the whole collection, which the client would
@@ -142,7 +142,7 @@ class Dataset:
         self.seed = seed
         assert files is None or len(files) == ddf.npartitions, "one partition per Parquet file"
         # One partition per file: training reads each with pyarrow, straight to numpy (Dataset.partitions).
-        self._files = files
+        self.data_files = files
         self.label = ARRAY_LABEL if fmt in ("npy", "zarr") else cfg.label
         self.features = _select_features(ddf, cfg, self.label)
         _check_label_and_ids(ddf, cfg, self.label)
@@ -152,15 +152,15 @@ class Dataset:
         self.own_ids = ROW_ID in ddf.columns
         if ROW_ID not in ddf.columns:
             # Row ids are the rows' global positions; they need the partitions' lengths first.
-            with read_errors(_where(cfg)):
-                if self._files is not None:  # the footers say: no pass over the data
-                    lengths = list(dask.compute(*[dask.delayed(parquet_rows, pure=False)(f) for f in self._files]))
+            with read_errors(data_where(cfg)):
+                if self.data_files is not None:  # the footers say: no pass over the data
+                    lengths = list(dask.compute(*[dask.delayed(parquet_rows, pure=False)(f) for f in self.data_files]))
                 else:
                     lengths = ddf.map_partitions(len).compute().tolist()
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int).tolist()
             ddf = ddf.map_partitions(_with_row_ids, offsets, meta={**ddf.dtypes.to_dict(), ROW_ID: np.int64})
         self.ddf = ddf
-        self._parts: list[Delayed] = _own_graphs(list(ddf.to_delayed()))
+        self._parts: list[Delayed] = own_graphs(list(ddf.to_delayed()))
         schema = {str(c): str(t) for c, t in ddf.dtypes.items()}
         self.token = _digest(identity, schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
                              seed, cfg.fillna)[:32]
@@ -173,7 +173,7 @@ class Dataset:
 
     def compute_stats(self) -> Stats:
         """Counts, standardisation and class set, computed by the workers partition by partition."""
-        with read_errors(_where(self.cfg)):
+        with read_errors(data_where(self.cfg)):
             summaries = dask.compute(*[dask.delayed(summarize)(p, self._spec) for p in self._parts])
         self.stats = self._combine(list(summaries))
         return self.stats
@@ -181,7 +181,7 @@ class Dataset:
     def _combine(self, summaries: list[dict[str, Any]]) -> Stats:
         n = sum(s["n"] for s in summaries)
         val = sum(s["val"] for s in summaries)
-        where = _where(self.cfg)
+        where = data_where(self.cfg)
         if n + val == 0:
             raise UserError(f"--data: {where} has no rows; point --data at a dataset with rows")
         if n == 0:
@@ -225,11 +225,11 @@ class Dataset:
 
     def partitions(self, split: str) -> list[Delayed]:
         """One lazy Arrays per partition, keyed deterministically so ranks share them on the cluster."""
-        if self._files is not None:
+        if self.data_files is not None:
             assert self.stats is not None
             rows = [t + v for t, v in zip(self.stats.train_sizes, self.stats.val_sizes, strict=True)]
             offsets: list[int | None] = [None] * len(rows) if self.own_ids else list(number_rows(rows, 0))
-            return self._file_partitions(list(zip(self._files, rows, offsets, strict=True)), split)
+            return self._file_partitions(list(zip(self.data_files, rows, offsets, strict=True)), split)
         spec = self.spec()
         key = _digest(self.token, asdict(spec))[:16]
         return [
@@ -295,12 +295,12 @@ def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
         return Dataset(generated(cfg, seed), cfg, seed, None, _identity(cfg, None))
     fmt = data_format(cfg)
     files = None
-    with read_errors(_where(cfg)):
+    with read_errors(data_where(cfg)):
         if fmt == "parquet":
-            files = _files(cfg, fmt)
+            files = data_files(cfg, fmt)
             ddf = parquet_source(files)
         elif fmt == "csv":
-            ddf = dd.read_csv(_files(cfg, fmt), blocksize="64MB")
+            ddf = dd.read_csv(data_files(cfg, fmt), blocksize="64MB")
         else:
-            ddf = _open_npy(cfg) if fmt == "npy" else _open_zarr(cfg)
+            ddf = open_npy(cfg) if fmt == "npy" else open_zarr(cfg)
     return Dataset(ddf, cfg, seed, fmt, _identity(cfg, fmt), files=files)

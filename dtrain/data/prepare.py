@@ -17,7 +17,7 @@ import pyarrow as pa
 from dask.delayed import Delayed
 from dask.local import get_sync
 
-from dtrain.data.sources import ROW_ID, _first_line, read_parquet_file, read_parquet_table
+from dtrain.data.sources import ROW_ID, first_line, read_parquet_file, read_parquet_table
 from dtrain.errors import DataError
 
 
@@ -76,7 +76,7 @@ def _features(df: pd.DataFrame, spec: Spec, dtype: type) -> np.ndarray:
     try:
         return df[list(spec.features)].to_numpy(dtype=dtype, na_value=np.nan)
     except (TypeError, ValueError) as e:  # a column typed numeric by its first rows but not in this partition
-        raise DataError(f"--features: a feature column holds values that are not numbers ({_first_line(e)}); "
+        raise DataError(f"--features: a feature column holds values that are not numbers ({first_line(e)}); "
                         "clean the data or leave the column out of --features") from None
 
 

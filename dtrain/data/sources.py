@@ -97,7 +97,7 @@ def generated(cfg: DataConfig, seed: int) -> dd.DataFrame:
 # -- finding the files -----------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -106,7 +106,7 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(path)
     except (ImportError, ValueError) as e:  # an unknown protocol, or its package is missing
-        raise UserError(f"--data: cannot open {path!r} ({_first_line(e)}); check the URL or install "
+        raise UserError(f"--data: cannot open {path!r} ({first_line(e)}); check the URL or install "
                         "the fsspec package for its protocol") from None
 
 
@@ -118,7 +118,7 @@ def _matches(path: str) -> list[str]:
             return [root]
         return sorted(fs.glob(root)) if any(c in root for c in "*?[") else []
     except OSError as e:
-        raise UserError(f"--data: cannot list {path!r} ({_first_line(e)}); check the path and credentials") from None
+        raise UserError(f"--data: cannot list {path!r} ({first_line(e)}); check the path and credentials") from None
 
 
 _SUFFIXES = (("parquet", _PARQUET_EXT), ("csv", (".csv", ".csv.gz")), ("npy", (".npy",)), ("zarr", (".zarr",)))
@@ -149,7 +149,7 @@ def data_format(cfg: DataConfig) -> str | None:
     raise UserError(f"--data: cannot tell the format of {cfg.data!r}; pass --format {'|'.join(FORMATS)}")
 
 
-def _files(cfg: DataConfig, fmt: str) -> list[str]:
+def data_files(cfg: DataConfig, fmt: str) -> list[str]:
     """The data files of ``--data`` (a file, directory or glob); refuses a selection without any."""
     assert cfg.data is not None
     exts = dict(_SUFFIXES)[fmt]
@@ -214,7 +214,7 @@ def list_parquet(source: str) -> list[FileInfo]:
                     del infos[name]
                     infos.update(fs.find(name, detail=True))
     except OSError as e:
-        raise UserError(f"--follow: cannot list {source!r} ({_first_line(e)}); "
+        raise UserError(f"--follow: cannot list {source!r} ({first_line(e)}); "
                         "check the path and credentials") from None
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     out = []
@@ -341,7 +341,7 @@ def _array_frame(src: ArraySource, cfg: DataConfig) -> dd.DataFrame:
                        enforce_metadata=False, label=f"dtrain-{src.kind}")
 
 
-def _open_npy(cfg: DataConfig) -> dd.DataFrame:
+def open_npy(cfg: DataConfig) -> dd.DataFrame:
     assert cfg.data is not None
     if "://" in cfg.data:
         raise UserError(f"--data: .npy data must be a local file, got {cfg.data!r}; copy it locally or use Parquet")
@@ -352,11 +352,11 @@ def _open_npy(cfg: DataConfig) -> dd.DataFrame:
     try:
         return _array_frame(src, cfg)
     except ValueError as e:  # not an .npy file, or a pickled object array
-        raise UserError(f"--data: cannot load {cfg.data!r} or {cfg.label!r} as .npy ({_first_line(e)}); "
+        raise UserError(f"--data: cannot load {cfg.data!r} or {cfg.label!r} as .npy ({first_line(e)}); "
                         "save them with numpy.save") from None
 
 
-def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
+def open_zarr(cfg: DataConfig) -> dd.DataFrame:
     assert cfg.data is not None
     try:
         import zarr
@@ -367,7 +367,7 @@ def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
         group = zarr.open_group(cfg.data, mode="r")
         arrays = sorted(group.array_keys())
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(f"--data: cannot open {cfg.data!r} as a zarr group ({_first_line(e)}); "
+        raise UserError(f"--data: cannot open {cfg.data!r} as a zarr group ({first_line(e)}); "
                         "pass a zarr group holding arrays x and y") from None
     if "x" not in arrays:
         raise UserError(f"--data: no array 'x' in {cfg.data!r} (arrays: {', '.join(arrays) or 'none'}); "
@@ -382,7 +382,7 @@ def _open_zarr(cfg: DataConfig) -> dd.DataFrame:
 # -- what the data is, and its errors --------------------------------------------------------------
 
 
-def _where(cfg: DataConfig) -> str:
+def data_where(cfg: DataConfig) -> str:
     return repr(cfg.data) if cfg.data else "the generated data"
 
 
@@ -399,7 +399,7 @@ def read_errors(where: str) -> Iterator[None]:
         raise
     except (OSError, ValueError) as e:
         log.debug("reading %s failed", where, exc_info=True)
-        raise UserError(f"--data: cannot read {where} ({_first_line(e)}); check the files and --format") from None
+        raise UserError(f"--data: cannot read {where} ({first_line(e)}); check the files and --format") from None
 
 
 def _identity(cfg: DataConfig, fmt: str | None) -> list[Any]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import dtrain
-from dtrain import dist, models
+from dtrain import dist, evaldata, models, portable
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config
@@ -115,6 +115,9 @@ class Trainer:
             self.train_parts, self.val_parts = dataset.file_partitions(self.feed.segments[0], "train"), []
         else:
             self.train_parts, self.val_parts = dataset.partitions("train"), dataset.partitions("val")
+        self.val_sizes = stats.val_sizes
+        if cfg.data.eval_data:  # --eval-data: a separate evaluation set, with the training statistics
+            self.val_parts, self.val_sizes = evaldata.partitions(cfg, stats)
         return resumed
 
     def _setup_model(self) -> None:
@@ -338,7 +341,7 @@ class Trainer:
         if stop:
             return True
         if not self.online:
-            self.final_eval = evaluate(self.model, self.stream(self.val_parts), self.stats.val_sizes, self.cfg,
+            self.final_eval = evaluate(self.model, self.stream(self.val_parts), self.val_sizes, self.cfg,
                                        self.stats)
             if self.final_eval:
                 self.run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": self.world,
@@ -411,7 +414,7 @@ class Trainer:
                 final_eval = evaluate(self.model, self.stream(self.dataset.file_partitions(entries, "val")),
                                       [f.val for f in entries], cfg, stats)
             else:
-                final_eval = evaluate(self.model, self.stream(self.val_parts), stats.val_sizes, cfg, stats)
+                final_eval = evaluate(self.model, self.stream(self.val_parts), self.val_sizes, cfg, stats)
         self.checkpoint(sync=True)
         hashes = dist.allgather_object(model_sha256(self.model.state_dict()), name="model-hash")
         result = {
@@ -443,6 +446,12 @@ class Trainer:
             **self.coord.report(),  # checkpoint failures, if any
         }
         run_dir.save_model(self.model.state_dict())
+        if run_dir.enabled:  # the portable model.pt2 (dtrain/portable.py): raw features in, labels out
+            try:
+                portable.save_run_artifact(run_dir.path, self.model, self.stats, self.cfg)
+            except OSError as e:  # model.pt is saved (or its fallback named): the artifact can be made from it
+                log.warning("could not write %s/model.pt2 (%s); dtrain.load(RUN_DIR) rebuilds the model from "
+                            "model.pt", run_dir.path, e)
         run_dir.save_summary(summary)
         run_dir.close()
         if dist.is_main():
