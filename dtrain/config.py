@@ -148,6 +148,10 @@ class OptimConfig:
     momentum: float = doc(0.9, "SGD momentum")
     nesterov: bool = doc(False, "SGD Nesterov momentum")
     weight_decay: float = doc(0.0, "weight decay (decoupled for AdamW)")
+    l1: float = doc(0.0, "L1 penalty l1 * sum(abs(w)) on the weights (not biases), as a proximal step after "
+                    "each update so that weights become exactly 0 (sgd, adagrad)")
+    l2: float = doc(0.0, "L2 penalty l2/2 * sum(w**2) on the weights (not biases), in the gradient; "
+                    "scikit-learn's C is 1/(l2 * training rows)")
     schedule: str = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
     warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
     power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
@@ -164,6 +168,11 @@ class OptimConfig:
         _positive("power_t", self.power_t, zero_ok=True)
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
+        _positive("l1", self.l1, zero_ok=True)
+        _positive("l2", self.l2, zero_ok=True)
+        if self.l1 and self.optimizer not in ("sgd", "adagrad"):
+            raise ConfigError("l1", f"has no proximal step under --optimizer {self.optimizer} (its moving second "
+                                    "moment rescales every step); use --optimizer sgd or adagrad with --l1")
         _positive("warmup_steps", self.warmup_steps, zero_ok=True)
         if not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtrain
-from dtrain import dist, models, shm
+from dtrain import dist, models, regularize, shm
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config, UserError
@@ -490,6 +490,8 @@ def run(cfg: Config) -> dict[str, Any]:
         # parameters are the shared ones); else every rank steps its own copy.
         sharded = shard_optimizer(cfg, model, grads)
         optimizer: Any = sharded or make_optimizer(cfg, model.parameters())
+        # --l1/--l2: penalties on the weights around each step (on this rank's shard when sharded).
+        regularize.attach(optimizer, params, cfg.optim.l1, cfg.optim.l2)
         if sharded is not None:
             log.info("the %d ranks share the parameters and optimizer state; each steps a shard of them",
                      dist.size())
@@ -878,6 +880,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "samples": state.samples,
         "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
         "mode": cfg.train.mode, "task": stats.task, **outcome,
+        "zero_weights": regularize.zero_share(list(model.parameters())),  # --l1's exact zeros
     }
     run_dir.save_model(model.state_dict())
     run_dir.write_json("summary.json", summary)
