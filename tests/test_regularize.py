@@ -1,0 +1,56 @@
+"""--l1 in real runs: exact zeros on the features that do not matter, the same weights on 1 and 2 ranks
+(the whole step in one process, the sharded step on two), and --l1's refusal under Adam."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
+
+FEATURES, RELEVANT = 20, 3
+
+
+def sparse_dataset(path: Path, rows: int = 4000) -> Path:
+    """Labels decided by the first 3 of 20 features; the other 17 are noise."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, FEATURES)).astype(np.float32)
+    df = pd.DataFrame(x, columns=[f"x{i:02d}" for i in range(FEATURES)])
+    df["y"] = (x[:, :RELEVANT].sum(axis=1) > 0).astype(np.int64)
+    path.mkdir()
+    for i, start in enumerate(range(0, rows, rows // 4)):
+        df.iloc[start : start + rows // 4].to_parquet(path / f"part-{i}.parquet")
+    return path
+
+
+L1 = ["--label", "y", "--model", "logistic", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.1",
+      "--l1", "0.05", "--global-batch-size", "200", "--epochs", "4"]
+
+
+def test_l1_exact_zeros_and_same_weights_on_one_and_two_ranks(dtrain_local, horovodrun, tmp_path):
+    data = sparse_dataset(tmp_path / "sparse")
+    one = dtrain_local([*L1, "--data", str(data)], run_dir=tmp_path / "np1").check()
+    two = horovodrun([*L1, "--data", str(data)], np=2, run_dir=tmp_path / "np2").check()
+    w1 = torch.load(tmp_path / "np1" / "model.pt", map_location="cpu")["weight"]
+    w2 = torch.load(tmp_path / "np2" / "model.pt", map_location="cpu")["weight"]
+    assert (w1[:, RELEVANT:] == 0).all(), w1
+    assert (w1[:, :RELEVANT] != 0).all(), w1
+    assert torch.equal(w1 == 0, w2 == 0)
+    # The same update on every rank; the sharded step's fused kernel may round an element's last bit.
+    torch.testing.assert_close(w2, w1, rtol=1e-5, atol=1e-6)
+    expected = (FEATURES - RELEVANT) * 2 / (FEATURES * 2)
+    assert one.summary()["zero_weights"] == pytest.approx(expected)
+    assert two.summary()["zero_weights"] == pytest.approx(expected)
+    assert one.summary()["eval_accuracy"] > 0.95
+    assert two.summary()["sharded_step"] is True  # the L1 step ran on each rank's shard
+
+
+def test_l1_with_adam_is_refused_in_one_line(dtrain_local, tmp_path):
+    res = dtrain_local(["--optimizer", "adam", "--l1", "0.1"])
+    assert res.returncode == 2
+    lines = [line for line in res.output.splitlines() if "error" in line]
+    assert lines == [lines[0]] and lines[0].startswith("dtrain: error: --l1: "), res.output
