@@ -36,7 +36,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 MODELS = ("mlp", "linear", "logistic", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-SCHEDULES = ("constant", "step", "cosine", "invscaling")
+SCHEDULES = ("constant", "step", "cosine", "invscaling", "exponential")
 _USER_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -155,6 +155,10 @@ class OptimConfig:
     schedule: str = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
     warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
     power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
+    lr_decay: float = doc(0.9, "exponential schedule: lr * lr_decay ** t, t the epochs or steps trained "
+                          "(--decay-per)")
+    decay_per: str = doc("epoch", "exponential schedule: t counts epochs (rows trained / training rows, "
+                         "whatever the world size) or optimizer steps after warm-up")
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
     compression: str = doc("none", "gradient compression for the allreduce: none or fp16")
     reduction: str = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
@@ -166,6 +170,10 @@ class OptimConfig:
         _choice("compression", self.compression, ("none", "fp16"))
         _choice("reduction", self.reduction, ("sum", "adasum"))
         _positive("power_t", self.power_t, zero_ok=True)
+        _choice("decay_per", self.decay_per, ("epoch", "step"))
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError("lr_decay", f"must be in (0, 1], got {self.lr_decay}; e.g. 0.9 for 10% less a "
+                                          "--decay-per")
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
         _positive("l1", self.l1, zero_ok=True)
@@ -248,6 +256,9 @@ class Config:
         if self.data.follow and self.train.mode != "online":
             raise ConfigError("follow", "needs --mode online (one pass over the files in arrival order); "
                                         "add --mode online")
+        if self.optim.schedule == "exponential" and self.optim.decay_per == "epoch" and self.train.mode == "online":
+            raise ConfigError("decay_per", "epoch has no meaning in --mode online (one pass); "
+                                           "use --decay-per step")
         if self.data.follow and self.optim.schedule in ("cosine", "step") and self.train.max_steps is None:
             raise ConfigError("schedule", f"{self.optim.schedule} needs the length of training, which --follow "
                                           "does not know; pass --max-steps or use --schedule invscaling/constant")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,20 @@ def test_l1_with_adam_is_refused_in_one_line(dtrain_local, tmp_path):
     assert res.returncode == 2
     lines = [line for line in res.output.splitlines() if "error" in line]
     assert lines == [lines[0]] and lines[0].startswith("dtrain: error: --l1: "), res.output
+
+
+
+def test_exponential_schedule_per_epoch_in_a_run(dtrain_local, tmp_path):
+    """Each step's rate is --lr * --lr-decay ** (rows trained before the step / training rows)."""
+    data = sparse_dataset(tmp_path / "sparse")
+    res = dtrain_local(["--data", str(data), "--label", "y", "--model", "logistic", "--lr", "0.1",
+                        "--schedule", "exponential", "--lr-decay", "0.5", "--global-batch-size", "300",
+                        "--epochs", "3", "--log-every", "1"], run_dir=tmp_path / "exp").check()
+    assert res.run_dir is not None
+    train_rows = sum(json.loads((res.run_dir / "stats.json").read_text())["train_sizes"])
+    steps = [m for m in res.metrics() if "lr" in m]
+    before = 0
+    for m in steps:
+        assert m["lr"] == pytest.approx(0.1 * 0.5 ** (before / train_rows), rel=1e-9)
+        before = m["samples"]
+    assert before == 3 * train_rows and steps[-1]["lr"] < 0.1 * 0.5**2
