@@ -205,6 +205,10 @@ class TrainConfig:
     seed: int = doc(0, "seed for data order, model initialisation and dropout")
     log_every: int = doc(10, "write a metrics line every N steps")
     eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
+    early_stop: int | None = doc(None, "stop after this many evaluations (one an epoch) without improving "
+                                 "--monitor; model.pt is then the best evaluated model, model-last.pt the last")
+    monitor: str = doc("eval_loss", "--early-stop: the held-out metric watched: eval_loss (lower is better), "
+                       "eval_accuracy or eval_r2 (higher is better)")
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("minibatch", "online"))
@@ -217,6 +221,12 @@ class TrainConfig:
             _positive("max_steps", self.max_steps)
         if self.max_samples is not None:
             _positive("max_samples", self.max_samples)
+        _choice("monitor", self.monitor, ("eval_loss", "eval_accuracy", "eval_r2"))
+        if self.early_stop is not None:
+            _positive("early_stop", self.early_stop)
+            if self.mode == "online":
+                raise ConfigError("early_stop", "needs evaluations at epoch ends, which --mode online (one pass) "
+                                                "does not make; use --mode minibatch")
 
 
 @dataclass
@@ -256,6 +266,8 @@ class Config:
         if self.data.follow and self.train.mode != "online":
             raise ConfigError("follow", "needs --mode online (one pass over the files in arrival order); "
                                         "add --mode online")
+        if self.train.early_stop is not None and self.data.val_fraction == 0:
+            raise ConfigError("early_stop", "needs held-out rows to evaluate; pass --val-fraction > 0")
         if self.optim.schedule == "exponential" and self.optim.decay_per == "epoch" and self.train.mode == "online":
             raise ConfigError("decay_per", "epoch has no meaning in --mode online (one pass); "
                                            "use --decay-per step")

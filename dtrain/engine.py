@@ -40,6 +40,7 @@ from dtrain.cluster import connect
 from dtrain.config import Config, UserError
 from dtrain.coordinator import Coordinator
 from dtrain.data import Dataset, Stats, data_format, follow_root, list_parquet, open_dataset, parquet_source
+from dtrain.early_stop import Monitor
 from dtrain.follow import Feed, FileEntry, FileInfo, arrival_order, new_files
 from dtrain.plan import EpochPlan, Position, limited, steps_for_samples, validate_world
 from dtrain.progress import Progress
@@ -540,8 +541,10 @@ def run(cfg: Config) -> dict[str, Any]:
         # training stands. The data position is (epoch, step, row): row, the epoch's next untrained row
         # in the plan's order, holds whatever the global batch (see dtrain/plan.py); schedule is what
         # the LR schedule was fitted to (see refit_schedule).
+        # early/best_model (--early-stop): the monitor's dict and the best model, replaced, never mutated,
+        # so that a commit keeps its moment's (dtrain/early_stop.py).
         state = dist.training_state(model, optimizer, epoch=0, step=0, row=0, global_step=0, samples=0,
-                                    schedule=(0, 0.0, 0, 0))
+                                    schedule=(0, 0.0, 0, 0), early=None, best_model=None)
         if resumed is not None:
             try:
                 # Sharded, every rank writes the same bytes into the one shared copy: loading on rank 0
@@ -559,6 +562,7 @@ def run(cfg: Config) -> dict[str, Any]:
             state.epoch, state.step, state.row = pos.epoch, pos.step, pos.row
             state.global_step, state.samples = resumed["global_step"], resumed["samples"]
             state.schedule = tuple(resumed.get("schedule", state.schedule))
+            state.early, state.best_model = resumed.get("early_stop"), resumed.get("best_model")
             state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
         averaged = [t for t in model.state_dict().values() if t.is_floating_point()]  # local SGD
         local_sgd, adasum = cfg.train.sync_every > 1, cfg.optim.reduction == "adasum"
@@ -573,6 +577,7 @@ def run(cfg: Config) -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "position": {"epoch": state.epoch, "step": state.step, "row": state.row},
                     "global_step": state.global_step, "samples": state.samples, "schedule": list(state.schedule),
+                    "early_stop": state.early, "best_model": state.best_model,
                     "stats": stats.to_dict(), "config": cfg.to_dict(),
                     "world_size": dist.size(), "follow": feed.to_dict() if feed is not None else None,
                     "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
@@ -627,6 +632,7 @@ def run(cfg: Config) -> dict[str, Any]:
             syncs = 0  # collectives that combine the ranks' models (gradient allreduces or parameter averages)
             stop = False
             idle = False  # --follow: stopped by --idle-timeout
+            early_stopped = False  # --early-stop: the monitored metric stopped improving
 
             def current_meter() -> Meter:
                 return meter
@@ -704,6 +710,9 @@ def run(cfg: Config) -> dict[str, Any]:
             # next one at the end of the last; otherwise epochs as usual.
             for epoch in itertools.count(state.epoch) if follow else range(state.epoch, epochs):
                 if state.global_step >= total_steps or (max_samples is not None and state.samples >= max_samples):
+                    break
+                if Monitor.resume(cfg.train.monitor, cfg.train.early_stop, state.early).should_stop:
+                    early_stopped = True  # resumed after --early-stop ended the run: it stays ended
                     break
                 if feed is not None and epoch >= len(feed.segments):
                     waited = wait_for_files(feed)
@@ -820,6 +829,19 @@ def run(cfg: Config) -> dict[str, Any]:
                         run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": world,
                                          **final_eval})
                         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
+                    if final_eval and cfg.train.early_stop is not None and state.epoch > epoch:
+                        # --early-stop: watch the metric at each epoch's end (not at a cut by --max-steps,
+                        # which a resume would not repeat), keep the best model (dtrain/early_stop.py)
+                        monitor = Monitor.resume(cfg.train.monitor, cfg.train.early_stop, state.early)
+                        monitor = monitor.update(final_eval, state.global_step)
+                        state.early = monitor.to_dict()
+                        if monitor.improved:
+                            state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        if monitor.should_stop:
+                            early_stopped = True
+                            log.info("early stop: %s has not improved for %d evaluations (best %.4g at step %d)",
+                                     monitor.metric, monitor.waited, monitor.best, monitor.best_step)
+                            break
             # ---- end of the loop -------------------------------------------------------------------
 
             if meter.rows:
@@ -844,7 +866,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 "model_sha256": hashes[0], "ranks_identical": len(set(hashes)) == 1, "syncs": syncs,
                 "world_size": world, "sharded_step": sharded is not None,
             }
-            if max_samples is not None and state.samples >= max_samples:
+            if early_stopped:
+                result["stop_reason"] = "early_stop"
+            elif max_samples is not None and state.samples >= max_samples:
                 result["stop_reason"] = "max_samples"
             elif cfg.train.max_steps is not None and state.global_step >= cfg.train.max_steps:
                 result["stop_reason"] = "max_steps"
@@ -891,7 +915,13 @@ def run(cfg: Config) -> dict[str, Any]:
         "mode": cfg.train.mode, "task": stats.task, **outcome,
         "zero_weights": regularize.zero_share(list(model.parameters())),  # --l1's exact zeros
     }
-    run_dir.save_model(model.state_dict())
+    if state.best_model is not None:  # --early-stop: model.pt is the best evaluated model
+        summary.update(best_step=state.early["best_step"], best_value=state.early["best"],
+                       monitor=state.early["metric"])
+        run_dir.save_model(state.best_model)
+        run_dir.save_model(model.state_dict(), "model-last.pt")
+    else:
+        run_dir.save_model(model.state_dict())
     run_dir.write_json("summary.json", summary)
     run_dir.close()
     if dist.is_main():

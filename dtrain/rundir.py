@@ -86,11 +86,11 @@ class RunDir:
         self._audit.write(json.dumps({"rank": rank, "epoch": epoch, "step": step, "rows": row_ids.tolist()}) + "\n")
         self._audit.flush()  # a killed rank's last steps must still be on record
 
-    def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
+    def save_model(self, state: Mapping[str, torch.Tensor], name: str = "model.pt") -> None:
         if self.enabled:
-            tmp = os.path.join(self.path, ".model.pt.tmp")
+            tmp = os.path.join(self.path, f".{name}.tmp")
             torch.save(dict(state), tmp)
-            os.replace(tmp, os.path.join(self.path, "model.pt"))
+            os.replace(tmp, os.path.join(self.path, name))
 
     def close(self) -> None:
         for f in (self._metrics, self._audit):

@@ -72,3 +72,36 @@ def test_exponential_schedule_per_epoch_in_a_run(dtrain_local, tmp_path):
         assert m["lr"] == pytest.approx(0.1 * 0.5 ** (before / train_rows), rel=1e-9)
         before = m["samples"]
     assert before == 3 * train_rows and steps[-1]["lr"] < 0.1 * 0.5**2
+
+
+EARLY = ["--gen-rows", "1000", "--gen-partitions", "4", "--gen-noise", "6", "--gen-features", "16",
+         "--hidden", "256,256", "--optimizer", "adam", "--lr", "0.01", "--global-batch-size", "32",
+         "--epochs", "30", "--early-stop", "2", "--val-fraction", "0.3"]
+
+
+def test_early_stop_keeps_the_best_model_across_a_resume(dtrain_local, tmp_path):
+    """Noisy data a wide MLP overfits: the held-out loss rises, training stops with the best evaluated
+    model in model.pt (the last in model-last.pt); stopped before and resumed, the same."""
+    from dtrain.checkpoint import model_sha256
+
+    whole = dtrain_local(EARLY, run_dir=tmp_path / "whole").check()
+    s = whole.summary()
+    assert s["stop_reason"] == "early_stop" and s["monitor"] == "eval_loss"
+    evals = [m for m in whole.metrics() if "eval_loss" in m]
+    assert len(evals) < 30 and s["best_step"] < s["steps"]
+    assert min(evals, key=lambda m: m["eval_loss"])["step"] == s["best_step"]
+    assert min(m["eval_loss"] for m in evals) == s["best_value"]
+    best = torch.load(tmp_path / "whole" / "model.pt")
+    last = torch.load(tmp_path / "whole" / "model-last.pt")
+    assert model_sha256(last) == s["model_sha256"] != model_sha256(best)
+
+    # Interrupted after the first improvement's evaluation, then resumed with the same flags.
+    first = dtrain_local([*EARLY, "--max-steps", str(s["best_step"] + 1)], run_dir=tmp_path / "split").check()
+    assert first.summary()["stop_reason"] == "max_steps"
+    resumed = dtrain_local(EARLY, run_dir=tmp_path / "split").check().summary()
+    assert {k: resumed[k] for k in ("stop_reason", "steps", "best_step", "best_value", "model_sha256")} == \
+        {k: s[k] for k in ("stop_reason", "steps", "best_step", "best_value", "model_sha256")}
+    assert model_sha256(torch.load(tmp_path / "split" / "model.pt")) == model_sha256(best)
+    # Run again once stopped: it stays stopped.
+    again = dtrain_local(EARLY, run_dir=tmp_path / "split").check().summary()
+    assert again["stop_reason"] == "early_stop" and again["steps"] == s["steps"]
