@@ -105,3 +105,16 @@ def test_early_stop_keeps_the_best_model_across_a_resume(dtrain_local, tmp_path)
     # Run again once stopped: it stays stopped.
     again = dtrain_local(EARLY, run_dir=tmp_path / "split").check().summary()
     assert again["stop_reason"] == "early_stop" and again["steps"] == s["steps"]
+
+
+def test_lr_find_prints_a_suggestion_and_writes_the_plot(dtrain_local, tmp_path):
+    res = dtrain_local(["--gen-rows", "8000", "--optimizer", "sgd", "--momentum", "0", "--num-steps", "60"],
+                       run_dir=tmp_path / "lr", module="dtrain.lr_find").check()
+    line = [x for x in res.stdout.splitlines() if x.startswith("suggested learning rate: ")]
+    assert len(line) == 1, res.output
+    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert 1e-6 < found["suggested_lr"] < 10 and len(found["lrs"]) == 60
+    assert found["lrs"][0] == pytest.approx(1e-6) and found["lrs"][-1] == pytest.approx(10)
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 0
+    bad = dtrain_local(["--start-lr", "1", "--end-lr", "0.1"], run_dir=tmp_path / "bad", module="dtrain.lr_find")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("dtrain: error: --start-lr/--end-lr: ")
