@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dtrain.config import Config, ConfigError, OptimConfig
-from dtrain.engine import make_optimizer
 from dtrain.train import regularize
+from dtrain.train.step import make_optimizer
 
 pytestmark = pytest.mark.unit
 
