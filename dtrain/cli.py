@@ -124,9 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         # Another rank failed: one line naming it, its host and how it ended (its parent recorded that,
         # dtrain/supervise.py); a traceback from every survivor would be noise.
-        ended = supervise.peer_end(dist.rank(), dist.size())
+        # No death recorded but a heartbeat stood still: a partition or a lost host; the line names it.
+        found = supervise.peer_end(dist.rank(), dist.size())
+        ended, unreachable = found if found is not None else (None, False)
         if ended is None:
             told = "see that rank's traceback above, if it printed one"
+        elif unreachable:
+            told = ended
         elif "killed by" in ended:
             told = f"{ended}; rerun the same command to resume from the last checkpoint"
         else:

@@ -34,7 +34,7 @@ Format = Literal["auto", "parquet", "csv", "npy", "zarr"]
 TaskChoice = Literal["auto", "classification", "regression"]
 Task = Literal["classification", "regression"]  # what "auto" resolves to (dtrain.data.Stats.task)
 Optimizer = Literal["sgd", "adam", "adamw", "adagrad"]
-Schedule = Literal["constant", "step", "cosine", "invscaling"]
+Schedule = Literal["constant", "step", "cosine", "invscaling", "exponential"]
 Compression = Literal["none", "fp16"]
 Reduction = Literal["sum", "adasum"]
 Mode = Literal["minibatch", "online"]
@@ -158,9 +158,17 @@ class OptimConfig:
     momentum: float = doc(0.9, "SGD momentum")
     nesterov: bool = doc(False, "SGD Nesterov momentum")
     weight_decay: float = doc(0.0, "weight decay (decoupled for AdamW)")
+    l1: float = doc(0.0, "L1 penalty l1 * sum(abs(w)) on the weights (not biases), as a proximal step after "
+                    "each update so that weights become exactly 0 (sgd, adagrad)")
+    l2: float = doc(0.0, "L2 penalty l2/2 * sum(w**2) on the weights (not biases), in the gradient; "
+                    "scikit-learn's C is 1/(l2 * training rows)")
     schedule: Schedule = doc("constant", f"learning-rate schedule after warm-up: {', '.join(SCHEDULES)}")
     warmup_steps: int = doc(0, "steps of linear warm-up from 0 to --lr")
     power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
+    lr_decay: float = doc(0.9, "exponential schedule: lr * lr_decay ** t, t the epochs or steps trained "
+                          "(--decay-per)")
+    decay_per: str = doc("epoch", "exponential schedule: t counts epochs (rows trained / training rows, "
+                         "whatever the world size) or optimizer steps after warm-up")
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
     compression: Compression = doc("none", "gradient compression for the allreduce: none or fp16")
     reduction: Reduction = doc("sum", "how gradients combine: sum (the global-batch mean) or adasum (needs MPI/NCCL)")
@@ -172,8 +180,17 @@ class OptimConfig:
         _choice("compression", self.compression, get_args(Compression))
         _choice("reduction", self.reduction, get_args(Reduction))
         _positive("power_t", self.power_t, zero_ok=True)
+        _choice("decay_per", self.decay_per, ("epoch", "step"))
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError("lr_decay", f"must be in (0, 1], got {self.lr_decay}; e.g. 0.9 for 10% less a "
+                                          "--decay-per")
         _positive("lr", self.lr)
         _positive("weight_decay", self.weight_decay, zero_ok=True)
+        _positive("l1", self.l1, zero_ok=True)
+        _positive("l2", self.l2, zero_ok=True)
+        if self.l1 and self.optimizer not in ("sgd", "adagrad"):
+            raise ConfigError("l1", f"has no proximal step under --optimizer {self.optimizer} (its moving second "
+                                    "moment rescales every step); use --optimizer sgd or adagrad with --l1")
         _positive("warmup_steps", self.warmup_steps, zero_ok=True)
         if not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
@@ -198,6 +215,10 @@ class TrainConfig:
     seed: int = doc(0, "seed for data order, model initialisation and dropout")
     log_every: int = doc(10, "write a metrics line every N steps")
     eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
+    early_stop: int | None = doc(None, "stop after this many evaluations (one an epoch) without improving "
+                                 "--monitor; model.pt is then the best evaluated model, model-last.pt the last")
+    monitor: str = doc("eval_loss", "--early-stop: the held-out metric watched: eval_loss (lower is better), "
+                       "eval_accuracy or eval_r2 (higher is better)")
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, get_args(Mode))
@@ -210,6 +231,12 @@ class TrainConfig:
             _positive("max_steps", self.max_steps)
         if self.max_samples is not None:
             _positive("max_samples", self.max_samples)
+        _choice("monitor", self.monitor, ("eval_loss", "eval_accuracy", "eval_r2"))
+        if self.early_stop is not None:
+            _positive("early_stop", self.early_stop)
+            if self.mode == "online":
+                raise ConfigError("early_stop", "needs evaluations at epoch ends, which --mode online (one pass) "
+                                                "does not make; use --mode minibatch")
 
 
 @dataclass
@@ -249,6 +276,11 @@ class Config:
         if self.data.follow and self.train.mode != "online":
             raise ConfigError("follow", "needs --mode online (one pass over the files in arrival order); "
                                         "add --mode online")
+        if self.train.early_stop is not None and self.data.val_fraction == 0:
+            raise ConfigError("early_stop", "needs held-out rows to evaluate; pass --val-fraction > 0")
+        if self.optim.schedule == "exponential" and self.optim.decay_per == "epoch" and self.train.mode == "online":
+            raise ConfigError("decay_per", "epoch has no meaning in --mode online (one pass); "
+                                           "use --decay-per step")
         if self.data.follow and self.optim.schedule in ("cosine", "step") and self.train.max_steps is None:
             raise ConfigError("schedule", f"{self.optim.schedule} needs the length of training, which --follow "
                                           "does not know; pass --max-steps or use --schedule invscaling/constant")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-StopReason = Literal["epochs", "end_of_data", "max_steps", "max_samples", "idle_timeout"]
+StopReason = Literal["epochs", "end_of_data", "max_steps", "max_samples", "idle_timeout", "early_stop"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,10 @@ class StepPolicy:
 
 
 def stop_reason(*, online: bool, samples: int, max_samples: int | None, global_step: int,
-                max_steps: int | None, idle: bool) -> StopReason:
+                max_steps: int | None, idle: bool, early_stopped: bool = False) -> StopReason:
     """Why a run that was not stopped by a signal ended (``stop_reason`` in summary.json)."""
+    if early_stopped:  # --early-stop: the monitored metric stopped improving
+        return "early_stop"
     if max_samples is not None and samples >= max_samples:
         return "max_samples"
     if max_steps is not None and global_step >= max_steps:

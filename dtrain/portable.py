@@ -97,13 +97,13 @@ def export(model: nn.Module, stats: Mapping[str, Any], cfg: Mapping[str, Any], p
     return True
 
 
-def save_run_artifact(run_dir: str, model: nn.Module, stats: Any, cfg: Config) -> None:
-    """The run's ``model.pt2`` from its final model: a fresh CPU copy, as training's parameters may live
-    on a GPU or in memory shared among ranks (the sharded step)."""
+def save_run_artifact(run_dir: str, state: Mapping[str, torch.Tensor], stats: Any, cfg: Config) -> None:
+    """The run's ``model.pt2`` from its model's ``state`` (the one in model.pt), loaded into a fresh CPU
+    copy, as training's parameters may live on a GPU or in memory shared among ranks (the sharded step)."""
     from dtrain import models
 
     copy = models.build(cfg.model, len(stats.features), stats.num_outputs)
-    copy.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    copy.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
     export(copy, stats.to_dict(), cfg.to_dict(), os.path.join(run_dir, ARTIFACT))
 
 

@@ -123,12 +123,12 @@ class RunDir:
         self._audit.write(json.dumps({"rank": rank, "epoch": epoch, "step": step, "rows": row_ids.tolist()}) + "\n")
         self._audit.flush()  # a killed rank's last steps must still be on record
 
-    def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
+    def save_model(self, state: Mapping[str, torch.Tensor], name: str = "model.pt") -> None:
         # Serialised in memory first: torch.save into a full file system fails with a RuntimeError of
         # its zip writer, where a plain write says OSError (ENOSPC).
         buf = io.BytesIO()
         torch.save(dict(state), buf)
-        self.write_result("model.pt", functools.partial(_write_bytes, data=buf.getvalue()))
+        self.write_result(name, functools.partial(_write_bytes, data=buf.getvalue()))
 
     def save_summary(self, summary: Mapping[str, Any]) -> None:
         text = json.dumps(summary, indent=1, default=float) + "\n"

@@ -109,6 +109,13 @@ class ShardedOptimizer:
         return self._inner.param_groups
 
     @property
+    def shard(self) -> tuple[torch.optim.Optimizer, torch.Tensor, tuple[int, int]]:
+        """This rank's optimizer, the shard it steps, and the shard's flat range ``[lo, hi)`` of the
+        parameters laid end to end (what elementwise additions to the step, ``dtrain/train/regularize.py``,
+        hook into)."""
+        return self._inner, self._shard, (self._lo, self._hi)
+
+    @property
     def state(self) -> Any:
         """The shard's state (its moments are views of the shared tensors)."""
         return self._inner.state

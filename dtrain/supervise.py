@@ -7,6 +7,12 @@ process forks at start: the child trains, the parent waits for it, forwards the 
 key-value store (reachable from every host of the job) and exits the way the child did. A survivor
 that sees a peer fail reads the record (:func:`peer_end`) and names the rank, its host and how it ended.
 
+A partition kills no process, so nothing is recorded; and Gloo's timeout does not say which peer went
+silent. So each parent also keeps a heartbeat in the store (a counter it bumps every :data:`BEAT`
+seconds, from its own thread: nothing in the training step). A survivor that finds no record reads the
+counters twice, a few beats apart: a rank whose counter did not move cannot reach the store, and is
+named as unreachable. Counters, not timestamps, so hosts' clocks need not agree.
+
 Not in elastic runs, where Horovod's driver handles failed ranks itself, nor outside horovodrun.
 """
 
@@ -18,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +33,7 @@ _SCOPE = "dtrain-ends"
 _CHILD = "DTRAIN_SUPERVISED"  # set in the child: never fork twice
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _PR_SET_PDEATHSIG = 1
+BEAT = 1.0  # seconds between a parent's heartbeats; a survivor waits several before naming a silent rank
 
 
 def describe(status: int, forwarded: bool) -> str | None:
@@ -83,6 +91,8 @@ def supervise() -> None:
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
+    threading.Thread(target=_beat, args=(int(os.environ["HOROVOD_RANK"]),), name="dtrain-heartbeat",
+                     daemon=True).start()
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -105,33 +115,77 @@ def supervise() -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
-def record(rank: int, text: str) -> None:
+def _put(key: str, text: str) -> None:
     url = _store()
     if url is None:
         return
     data = text.encode()
-    req = urllib.request.Request(f"{url}/rank-{rank}", data=data, method="PUT",
+    req = urllib.request.Request(f"{url}/{key}", data=data, method="PUT",
                                  headers={"Content-Length": str(len(data))})
     with urllib.request.urlopen(req, timeout=2):
         pass
 
 
-def peer_end(me: int, world: int, wait: float = 3.0) -> str | None:
-    """The record of another rank's abnormal end (``rank 1 on host-b was killed by SIGKILL``), waiting
-    up to ``wait`` seconds for its parent to write it; None if none comes (e.g. its host went down)."""
+def _get(key: str) -> str | None:
     url = _store()
     if url is None:
         return None
+    try:
+        with urllib.request.urlopen(f"{url}/{key}", timeout=1) as r:
+            return str(r.read().decode())
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def record(rank: int, text: str) -> None:
+    _put(f"rank-{rank}", text)
+
+
+def _beat(rank: int) -> None:
+    """Bump this rank's heartbeat (``<count> <host>``) every :data:`BEAT` seconds while the child runs."""
+    count = 0
+    while True:
+        count += 1
+        with contextlib.suppress(Exception):  # a missed beat is what a survivor looks for: nothing to do
+            _put(f"beat-{rank}", f"{count} {host()}")
+        time.sleep(BEAT)
+
+
+def beats(me: int, world: int) -> dict[int, str]:
+    """The other ranks' heartbeats as read now (ranks whose beat cannot be read are left out)."""
+    got = {rank: _get(f"beat-{rank}") for rank in range(world) if rank != me}
+    return {rank: text for rank, text in got.items() if text is not None}
+
+
+def silent(before: dict[int, str], after: dict[int, str]) -> list[tuple[int, str]]:
+    """The ranks (and their hosts) whose heartbeat did not move between two reads."""
+    return [(rank, text.partition(" ")[2]) for rank, text in sorted(before.items()) if after.get(rank) == text]
+
+
+def unanswered(ranks: list[tuple[int, str]]) -> str:
+    """``rank 2 on h2 stopped answering (...); rerun the same command once h2 is back``."""
+    who = ", ".join(f"rank {rank} on {name}" for rank, name in ranks)
+    hosts = list(dict.fromkeys(name for _, name in ranks))
+    return (f"{who} stopped answering (network unreachable or host down); "
+            f"rerun the same command once {' and '.join(hosts)} {'is' if len(hosts) == 1 else 'are'} back")
+
+
+def peer_end(me: int, world: int, wait: float = 3.0) -> tuple[str, bool] | None:
+    """The record of another rank's abnormal end (``rank 1 on host-b was killed by SIGKILL``, False),
+    waiting up to ``wait`` seconds for its parent to write it; failing that, the ranks whose heartbeat
+    stood still meanwhile (:func:`unanswered`, True); None if neither (e.g. the store is out of reach)."""
+    if _store() is None:
+        return None
+    # Several beats apart, so a live but loaded parent has time to bump its counter.
+    wait = max(wait, 3 * BEAT)
+    before = beats(me, world)
     deadline = time.monotonic() + wait
     while True:
         for rank in range(world):
-            if rank == me:
-                continue
-            try:
-                with urllib.request.urlopen(f"{url}/rank-{rank}", timeout=1) as r:
-                    return str(r.read().decode())
-            except (urllib.error.URLError, OSError):
-                pass
+            if rank != me and (text := _get(f"rank-{rank}")) is not None:
+                return text, False
         if time.monotonic() >= deadline:
-            return None
+            break
         time.sleep(0.1)
+    gone = silent(before, beats(me, world))
+    return (unanswered(gone), True) if gone else None

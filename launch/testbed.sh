@@ -15,30 +15,38 @@
 #   shape HOST RATE    limit HOST's outgoing rate with tbf, e.g. 20mbit; "shape HOST off" removes it
 #   loss HOST PCT      drop PCT% of HOST's incoming and outgoing packets (nftables); 0 removes it
 #
-# Host i is "hI", address 10.77.0.(10+i) on interface dt0 of namespace dt-hI, and runs on core
-# (i-1) mod the cores here; the bridge lives in its own namespace dt-br, so nothing outside the
-# test bed's namespaces gets an address or a route. Every host shares this machine's file system, so
+# Host i is "hI", address 10.77.0.(10+i) on interface dt0 of namespace dt-hI (on bed K: 10.77.K.(10+i),
+# dtK-hI), and runs on core (i-1) mod the cores here; the bridge lives in its own namespace dt-br
+# (dtK-br), so nothing outside the test bed's namespaces gets an address or a route. Every host shares this machine's file system, so
 # the repository, its venv and run directories are on a "shared file system". ssh between hosts
 # (root, a key made for the test bed) needs no password and checks no host key.
 #
 # Variables:
-#   DTRAIN_TESTBED_DIR   state: keys, sshd configs and logs (default /tmp/dtrain-testbed)
+#   DTRAIN_TESTBED_ID    which test bed, 0 (default) to 99: bed K's namespaces are dtK-hI (dt-hI for
+#                        bed 0) on subnet 10.77.K.0/24, so beds can be up side by side (a benchmark
+#                        beside a test run); every command acts on this bed only
+#   DTRAIN_TESTBED_DIR   state: keys, sshd configs and logs (default /tmp/dtrain-testbed, and
+#                        /tmp/dtrain-testbed-K for bed K > 0)
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { printf 'testbed.sh: error: %s\n' "$*" >&2; exit 2; }
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
-state=${DTRAIN_TESTBED_DIR:-/tmp/dtrain-testbed}
-subnet=10.77.0
-brns=dt-br
+bed=${DTRAIN_TESTBED_ID:-0}
+[[ "$bed" =~ ^([0-9]|[1-9][0-9])$ ]] || die "DTRAIN_TESTBED_ID=$bed: a number from 0 to 99"
+prefix=dt; [ "$bed" = 0 ] || prefix=dt$bed
+default_state=/tmp/dtrain-testbed; [ "$bed" = 0 ] || default_state=/tmp/dtrain-testbed-$bed
+state=${DTRAIN_TESTBED_DIR:-$default_state}
+subnet=10.77.$bed
+brns=$prefix-br
 
-ns() { echo "dt-$1"; }
+ns() { echo "$prefix-$1"; }
 index() { [[ "$1" =~ ^h([1-9][0-9]*)$ ]] || die "no host '$1'; hosts are h1, h2, ..."; echo "${BASH_REMATCH[1]}"; }
 address() { echo "$subnet.$((10 + $(index "$1")))"; }
 sshd_pid() { cat "$state/$1/sshd.pid" 2>/dev/null || true; }
 core() { echo $(( ($(index "$1") - 1) % $(nproc) )); }
-hosts_up() { ip netns list 2>/dev/null | awk '{print $1}' | sed -n 's/^dt-\(h[0-9]*\)$/\1/p' | sort -V; }
+hosts_up() { ip netns list 2>/dev/null | awk '{print $1}' | sed -n "s/^$prefix-\\(h[0-9]*\\)\$/\\1/p" | sort -V; }
 require_root() {
   [ "$(id -u)" = 0 ] || die "needs root (network namespaces); run as root or with sudo"
   command -v ip >/dev/null && ip netns list >/dev/null 2>&1 || die "no 'ip netns' here; install iproute2"
@@ -75,7 +83,7 @@ down() {
     rm -rf "/etc/netns/$(ns "$host")"
   done
   if ip netns list | awk '{print $1}' | grep -qx "$brns"; then ip netns delete "$brns"; fi
-  rm -rf /etc/netns/dt-h[0-9]* "$state"  # also what a crashed run left without its namespace
+  rm -rf "/etc/netns/$prefix"-h[0-9]* "$state"  # also what a crashed run left without its namespace
 }
 
 up() {

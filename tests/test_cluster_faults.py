@@ -61,12 +61,12 @@ def test_a_sigkilled_worker_costs_a_pause_and_every_row_still_comes_once():
     import signal
 
     from distributed import Client, LocalCluster
-    from dtrain.plan import EpochPlan
-    from dtrain.stream import Stream
 
     from dtrain.clusterplugins import install
     from dtrain.config import DataConfig
     from dtrain.data import open_dataset
+    from dtrain.data.plan import EpochPlan
+    from dtrain.data.stream import Stream
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
                       host="127.0.0.1") as cluster, Client(cluster) as client:

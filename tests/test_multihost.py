@@ -392,10 +392,10 @@ def test_partition_longer_than_gloo_timeout(testbed, bed_cluster, tmp_path):
     assert rc != 0 and "summary.json" not in {p.name for p in run.iterdir()}
     saved = Checkpointer(str(run / "checkpoints")).latest()
     assert saved is not None
-    # One line from the survivor. It does not yet name h2: a rank's Gloo timeout does not say which
-    # peer went silent (naming the failed rank's host is the peer-failure report's job).
+    # One line from the survivor, naming h2: its rank's heartbeat stood still (dtrain/supervise.py).
     errors = error_lines(text)
     assert len(errors) == 1 and "stopped because another rank failed" in errors[0], text[-5000:]
+    assert "rank 1 on h2 stopped answering" in errors[0] and "once h2 is back" in errors[0], errors[0]
     testbed.clean()
     pace.unlink()
     rc, text = run_job(testbed, cmd, log)

@@ -39,8 +39,13 @@ def unavailable() -> str | None:
     return None
 
 
+# Which bed (launch/testbed.sh's DTRAIN_TESTBED_ID): a benchmark's bed may be up beside the tests'.
+BED = int(os.environ.get("DTRAIN_TESTBED_ID", "0") or 0)
+NAMESPACE_PREFIX = "dt" if BED == 0 else f"dt{BED}"
+
+
 def address(host: str) -> str:
-    return f"10.77.0.{10 + int(host[1:])}"
+    return f"10.77.{BED}.{10 + int(host[1:])}"
 
 
 class Testbed:
@@ -81,7 +86,8 @@ class Testbed:
         return proc
 
     def pids(self, host: str) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", f"dt-{host}"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ip", "netns", "pids", f"{NAMESPACE_PREFIX}-{host}"], capture_output=True,
+                             text=True).stdout
         return [int(p) for p in out.split()]
 
     def sshd(self, host: str) -> int | None:

@@ -52,8 +52,12 @@ def refit_schedule(cfg: Config, step: int, schedule: Schedule, total_steps: int,
     return step, min(1.0, schedule_progress(cfg, step, fitted_total, (step0, done))), total_steps, global_batch
 
 
-def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0)) -> float:
-    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule (see ``schedule_progress``)."""
+def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float] = (0, 0.0),
+              epochs_trained: float = 0.0) -> float:
+    """Multiplier of ``--lr`` at ``step``: linear warm-up, then the schedule (see ``schedule_progress``).
+
+    ``epochs_trained``: rows trained so far over the training rows (the exponential schedule per epoch).
+    """
     o = cfg.optim
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
@@ -64,6 +68,10 @@ def lr_factor(cfg: Config, step: int, total_steps: int, start: tuple[int, float]
         return 0.1 ** int(min(progress, 0.999) * 3)
     if o.schedule == "invscaling":  # online learning: lr / (1 + t)^power_t, t counted after warm-up
         return float((1 + step - o.warmup_steps) ** -o.power_t)
+    if o.schedule == "exponential":
+        # Counted in what does not change with the world: optimizer steps (as warm-up and --max-steps
+        # are), or the data trained; so a world change needs no refit, and a resume continues exactly.
+        return float(o.lr_decay ** (step - o.warmup_steps if o.decay_per == "step" else epochs_trained))
     return 1.0
 
 

@@ -27,6 +27,7 @@ from dtrain import dist, models, shm
 from dtrain.config import Config, Task
 from dtrain.data.stream import Batch
 from dtrain.sharded import ShardedOptimizer
+from dtrain.train import regularize
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,8 @@ class TrainStep:
         if self.sharded is not None:
             log.info("the %d ranks share the parameters and optimizer state; each steps a shard of them",
                      dist.size())
+        # --l1/--l2: penalties on the weights around each step (on this rank's shard when sharded).
+        regularize.attach(self.optimizer, self.params, cfg.optim.l1, cfg.optim.l2)
         self.combine = Combine(cfg, model, self.grads, self.counts, self.sharded)
         # --amp: the forward pass in bfloat16 autocast (no loss scaling needed, unlike float16); on CPU
         # too, where it pays off on cores with bfloat16 instructions (AVX512-BF16, AMX).

@@ -51,6 +51,8 @@ from dtrain.policy import StepPolicy, stop_reason
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.storage import ClusterLost
+from dtrain.train import regularize
+from dtrain.train.early_stop import Monitor
 from dtrain.train.evaluate import evaluate
 from dtrain.train.meter import Meter, timed
 from dtrain.train.schedule import checkpoint_position, fit_schedule, lr_factor
@@ -131,7 +133,9 @@ class Trainer:
         # in the plan's order, holds whatever the global batch (see dtrain/data/plan.py); schedule is
         # what the LR schedule was fitted to (see refit_schedule).
         self.state = dist.training_state(self.model, self.step.optimizer, epoch=0, step=0, row=0, global_step=0,
-                                         samples=0, schedule=(0, 0.0, 0, 0))
+                                         samples=0, schedule=(0, 0.0, 0, 0), early=None, best_model=None)
+        # early/best_model (--early-stop): the monitor's dict and the best model, replaced, never mutated,
+        # so that a commit keeps its moment's (dtrain/train/early_stop.py).
 
     def global_batch_for(self, world: int) -> int:
         """Global batch fixed by default (no LR change when the world changes); --batch-per-rank opts into
@@ -156,6 +160,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.step.optimizer.state_dict(),
                 "position": {"epoch": state.epoch, "step": state.step, "row": state.row},
                 "global_step": state.global_step, "samples": state.samples, "schedule": list(state.schedule),
+                "early_stop": state.early, "best_model": state.best_model,
                 "stats": self.stats.to_dict(), "config": self.cfg.to_dict(),
                 "world_size": dist.size(), "follow": feed.to_dict() if feed is not None else None,
                 "versions": {"dtrain": dtrain.__version__, "torch": torch.__version__}}
@@ -179,6 +184,7 @@ class Trainer:
         state.epoch, state.step, state.row = pos.epoch, pos.step, pos.row
         state.global_step, state.samples = resumed["global_step"], resumed["samples"]
         state.schedule = tuple(resumed.get("schedule", state.schedule))
+        state.early, state.best_model = resumed.get("early_stop"), resumed.get("best_model")
         state.save()  # the checkpoint is the first commit (save: a commit's host check is a collective)
 
     def checkpoint(self, sync: bool = False) -> None:
@@ -280,6 +286,7 @@ class Trainer:
         self.progress = Progress(dist.is_main(), cfg.run.progress_seconds)
         self.last_loss = float("nan")
         self.final_eval: dict[str, float] | None = None  # the last evaluation, while still current
+        self.early_stopped = False  # --early-stop: the monitored metric stopped improving
         self.step.counts.zero()  # a reset may have left a rolled-back step's sums
         self.step.combine.syncs = 0
         self.policy = StepPolicy(self.total_steps, cfg.train.sync_every, cfg.train.log_every,
@@ -301,6 +308,9 @@ class Trainer:
             if state.global_step >= self.total_steps or (
                     self.max_samples is not None and state.samples >= self.max_samples):
                 break
+            if self.monitor(state).should_stop:  # --early-stop ended this run (before a resume): it stays ended
+                self.early_stopped = True
+                break
             if feed is not None and epoch >= len(feed.segments):
                 waited = self._file_waiter().wait(feed)
                 if waited is not None:
@@ -309,6 +319,8 @@ class Trainer:
                     self.meter = Meter()
             if self._fit_epoch(state, epoch):
                 return True, False
+            if self.early_stopped:
+                break
         return False, False
 
     def _fit_epoch(self, state: Any, epoch: int) -> bool:
@@ -347,13 +359,31 @@ class Trainer:
                 self.run_dir.metrics({"step": state.global_step, "epoch": epoch, "world_size": self.world,
                                       **self.final_eval})
                 log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in self.final_eval.items()))
+                # Watched at each epoch's end only (not at a cut by --max-steps, which a resume would not repeat).
+                if self.cfg.train.early_stop is not None and state.epoch > epoch:
+                    self._watch(state, self.final_eval)
         return False
+
+    def monitor(self, state: Any) -> Monitor:
+        return Monitor.resume(self.cfg.train.monitor, self.cfg.train.early_stop, state.early)
+
+    def _watch(self, state: Any, evaluation: dict[str, float]) -> None:
+        """--early-stop: the monitor sees an epoch's evaluation; the best model is kept (a new copy)."""
+        monitor = self.monitor(state).update(evaluation, state.global_step)
+        state.early = monitor.to_dict()
+        if monitor.improved:
+            state.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if monitor.should_stop:
+            self.early_stopped = True
+            log.info("early stop: %s has not improved for %d evaluations (best %.4g at step %d)",
+                     monitor.metric, monitor.waited, monitor.best, monitor.best_step)
 
     def _train_step(self, state: Any, epoch: int, epoch_plan: EpochPlan, batch: Batch) -> tuple[bool, bool]:
         """One optimizer step on ``batch``; returns (some rank voted to stop, the step synced)."""
         cfg, policy, meter = self.cfg, self.policy, self.meter
         self.step.set_lr(cfg.optim.lr * self.lr_scale * lr_factor(cfg, state.global_step, self.total_steps,
-                                                                    self.schedule_start))
+                                                                    self.schedule_start,
+                                                                    state.samples / self.stats.train_rows))
         last_of_epoch = batch.step + 1 == epoch_plan.num_steps
         sync = policy.sync(state.global_step, last_of_epoch, epoch_plan.cut)
         seconds, waited = self.step(batch, step_seed(self.seed, state.global_step, self.rank), sync,
@@ -423,7 +453,8 @@ class Trainer:
             "model_sha256": hashes[0], "ranks_identical": len(set(hashes)) == 1, "syncs": self.step.combine.syncs,
             "world_size": self.world, "sharded_step": self.step.sharded is not None,
             "stop_reason": stop_reason(online=self.online, samples=state.samples, max_samples=self.max_samples,
-                                       global_step=state.global_step, max_steps=cfg.train.max_steps, idle=idle),
+                                       global_step=state.global_step, max_steps=cfg.train.max_steps, idle=idle,
+                                       early_stopped=self.early_stopped),
         }
         if feed is not None:
             result.update(files_consumed=feed.files_done(state.epoch, state.row), files_seen=feed.num_files)
@@ -444,11 +475,18 @@ class Trainer:
             "world_size": outcome.pop("world_size"), "wall_seconds": wall, "samples_per_sec": state.samples / wall,
             "mode": self.cfg.train.mode, "task": self.stats.task, **outcome,
             **self.coord.report(),  # checkpoint failures, if any
+            "zero_weights": regularize.zero_share(list(self.model.parameters())),  # --l1's exact zeros
         }
-        run_dir.save_model(self.model.state_dict())
+        model = self.model.state_dict()
+        if state.best_model is not None:  # --early-stop: model.pt (and model.pt2) the best evaluated model
+            summary.update(best_step=state.early["best_step"], best_value=state.early["best"],
+                           monitor=state.early["metric"])
+            run_dir.save_model(model, "model-last.pt")
+            model = state.best_model
+        run_dir.save_model(model)
         if run_dir.enabled:  # the portable model.pt2 (dtrain/portable.py): raw features in, labels out
             try:
-                portable.save_run_artifact(run_dir.path, self.model, self.stats, self.cfg)
+                portable.save_run_artifact(run_dir.path, model, self.stats, self.cfg)
             except OSError as e:  # model.pt is saved (or its fallback named): the artifact can be made from it
                 log.warning("could not write %s/model.pt2 (%s); dtrain.load(RUN_DIR) rebuilds the model from "
                             "model.pt", run_dir.path, e)

@@ -197,3 +197,47 @@ def test_how_a_rank_ended_is_told_only_when_the_others_need_it() -> None:
     assert describe(exited(0), forwarded=False) is None
     assert describe(exited(2), forwarded=False) is None  # bad input: every rank says so itself
     assert describe(exited(143), forwarded=True) is None  # stopped with a checkpoint, as asked
+
+
+def test_a_rank_whose_heartbeat_stood_still_is_named_with_its_host() -> None:
+    from dtrain.supervise import silent, unanswered
+
+    before = {1: "7 h2", 2: "9 h3", 3: "4 h3"}
+    assert silent(before, {1: "7 h2", 2: "10 h3", 3: "5 h3"}) == [(1, "h2")]
+    assert silent(before, {1: "8 h2", 3: "4 h3"}) == [(3, "h3")]  # an unreadable beat names nobody
+    assert silent(before, {1: "8 h2", 2: "10 h3", 3: "5 h3"}) == []
+    assert unanswered([(1, "h2")]) == ("rank 1 on h2 stopped answering (network unreachable or host down); "
+                                       "rerun the same command once h2 is back")
+    assert unanswered([(2, "h3"), (3, "h3")]).endswith("rank 2 on h3, rank 3 on h3 stopped answering "
+                                                       "(network unreachable or host down); rerun the same "
+                                                       "command once h3 is back")
+    assert unanswered([(1, "h2"), (2, "h3")]).endswith("once h2 and h3 are back")
+
+
+def test_a_survivor_names_the_rank_that_stopped_beating_in_horovods_store(monkeypatch) -> None:
+    """horovodrun's own key-value store; rank 2's parent beats (a real heartbeat in a process of its
+    own), rank 1's beat stood still as a partitioned host's does: rank 1 is the one named."""
+    import subprocess
+    import sys
+
+    from horovod.runner.http.http_server import KVStoreServer
+
+    from dtrain import supervise
+
+    server = KVStoreServer(verbose=0)
+    port = server.start_server()
+    env = {"HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    beating = subprocess.Popen([sys.executable, "-c", "from dtrain.supervise import _beat; _beat(2)"],
+                               env={**os.environ, **env, "HOROVOD_HOSTNAME": "h3"})
+    try:
+        supervise._put("beat-1", "12 h2")
+        found = supervise.peer_end(0, 3)
+        assert found == (supervise.unanswered([(1, "h2")]), True)
+        supervise.record(1, "rank 1 on h2 was killed by SIGKILL")  # a recorded end comes first
+        assert supervise.peer_end(0, 3) == ("rank 1 on h2 was killed by SIGKILL", False)
+    finally:
+        beating.kill()
+        beating.wait()
+        server.shutdown_server()
