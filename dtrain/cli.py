@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dtrain import supervise
-from dtrain.config import Config, HostError, UserError, coerce, field_type, load_yaml, section_fields
+from dtrain.config import Config, HostError, UserError, choices, coerce, field_type, load_yaml, section_fields
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         if tp is bool and not is_list:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            metavar = (tp.__name__.upper() + ",...") if is_list else tp.__name__.upper()
+            options = choices(cls, f.name)
+            metavar = ("{" + ",".join(options) + "}" if options else
+                       (tp.__name__.upper() + ",...") if is_list else tp.__name__.upper())
             group.add_argument(flag, dest=f.name, metavar=metavar, help=help_text)
     # ArgumentDefaultsHelpFormatter would print SUPPRESS; the defaults are already in each help line.
     parser.formatter_class = argparse.HelpFormatter

@@ -38,6 +38,8 @@ Schedule = Literal["constant", "step", "cosine", "invscaling", "exponential"]
 Compression = Literal["none", "fp16"]
 Reduction = Literal["sum", "adasum"]
 Mode = Literal["minibatch", "online"]
+DecayPer = Literal["epoch", "step"]
+Monitor = Literal["eval_loss", "eval_accuracy", "eval_r2"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 _USER_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -167,7 +169,7 @@ class OptimConfig:
     power_t: float = doc(0.5, "invscaling schedule: lr / (1 + step) ** power_t (online learning)")
     lr_decay: float = doc(0.9, "exponential schedule: lr * lr_decay ** t, t the epochs or steps trained "
                           "(--decay-per)")
-    decay_per: str = doc("epoch", "exponential schedule: t counts epochs (rows trained / training rows, "
+    decay_per: DecayPer = doc("epoch", "exponential schedule: t counts epochs (rows trained / training rows, "
                          "whatever the world size) or optimizer steps after warm-up")
     grad_clip: float | None = doc(None, "clip the global gradient norm to this value")
     compression: Compression = doc("none", "gradient compression for the allreduce: none or fp16")
@@ -180,7 +182,7 @@ class OptimConfig:
         _choice("compression", self.compression, get_args(Compression))
         _choice("reduction", self.reduction, get_args(Reduction))
         _positive("power_t", self.power_t, zero_ok=True)
-        _choice("decay_per", self.decay_per, ("epoch", "step"))
+        _choice("decay_per", self.decay_per, get_args(DecayPer))
         if not 0 < self.lr_decay <= 1:
             raise ConfigError("lr_decay", f"must be in (0, 1], got {self.lr_decay}; e.g. 0.9 for 10% less a "
                                           "--decay-per")
@@ -217,7 +219,7 @@ class TrainConfig:
     eval_batch_size: int = doc(4096, "rows per evaluation batch across all ranks")
     early_stop: int | None = doc(None, "stop after this many evaluations (one an epoch) without improving "
                                  "--monitor; model.pt is then the best evaluated model, model-last.pt the last")
-    monitor: str = doc("eval_loss", "--early-stop: the held-out metric watched: eval_loss (lower is better), "
+    monitor: Monitor = doc("eval_loss", "--early-stop: the held-out metric watched: eval_loss (lower is better), "
                        "eval_accuracy or eval_r2 (higher is better)")
 
     def __post_init__(self) -> None:
@@ -231,7 +233,7 @@ class TrainConfig:
             _positive("max_steps", self.max_steps)
         if self.max_samples is not None:
             _positive("max_samples", self.max_samples)
-        _choice("monitor", self.monitor, ("eval_loss", "eval_accuracy", "eval_r2"))
+        _choice("monitor", self.monitor, get_args(Monitor))
         if self.early_stop is not None:
             _positive("early_stop", self.early_stop)
             if self.mode == "online":
@@ -336,6 +338,12 @@ def field_type(cls: type, name: str) -> tuple[type, bool]:
     if get_origin(tp) is list:
         return get_args(tp)[0], True
     return tp, False
+
+
+def choices(cls: type, name: str) -> tuple[str, ...] | None:
+    """The strings a ``Literal`` field takes (shown in ``--help`` and docs/config.md), else None."""
+    tp = get_type_hints(cls)[name]
+    return tuple(get_args(tp)) if get_origin(tp) is Literal else None
 
 
 def coerce(cls: type, name: str, value: Any) -> Any:

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import dask
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import torch
@@ -154,17 +153,6 @@ def metrics(parts: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def _frame(cfg: DataConfig) -> dd.DataFrame:
-    """``--data`` as a lazy DataFrame, read by training's own readers."""
-    fmt = data.data_format(cfg)
-    with sources.read_errors(sources.data_where(cfg)):
-        if fmt == "parquet":
-            return data.parquet_source(sources.data_files(cfg, "parquet"))
-        if fmt == "csv":
-            return dd.read_csv(sources.data_files(cfg, "csv"), blocksize="64MB")
-        return sources.open_npy(cfg) if fmt == "npy" else sources.open_zarr(cfg)
-
-
 def check_columns(columns: dict[str, Any], meta: dict[str, Any], label: str) -> bool:
     """Refuse data the model cannot score, naming the column; True when the label column is there."""
     features = meta["features"]
@@ -196,9 +184,9 @@ def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfi
     kind, payload, meta = _payload(run_path)
     # The schema is known from the files' metadata (or a sample of a CSV): bad data is refused before
     # any cluster starts.
-    ddf = _frame(data_cfg)
-    fmt = data.data_format(data_cfg)
-    label = sources.ARRAY_LABEL if fmt in ("npy", "zarr") else data_cfg.label
+    source = sources.list_source(data_cfg)  # --data listed once, read by training's own readers
+    ddf = sources.frame(source, data_cfg, 0)
+    label = sources.ARRAY_LABEL if source.format in ("npy", "zarr") else data_cfg.label
     has_label = check_columns({str(c): t for c, t in ddf.dtypes.items()}, meta, label)
     ddf = ddf[[c for c in ddf.columns if c in (data.ROW_ID, *meta["features"], label)]]
     with connect(cluster or ClusterConfig()) as client:

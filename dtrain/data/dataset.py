@@ -34,16 +34,12 @@ from dtrain.data.prepare import (
 from dtrain.data.sources import (
     ARRAY_LABEL,
     ROW_ID,
+    Source,
     _digest,
-    _identity,
-    data_files,
-    data_format,
     data_where,
-    generated,
-    open_npy,
-    open_zarr,
+    frame,
+    list_source,
     parquet_rows,
-    parquet_source,
     read_errors,
 )
 from dtrain.errors import UserError
@@ -131,41 +127,59 @@ def _check_label_and_ids(ddf: dd.DataFrame, cfg: DataConfig, label: str) -> None
 class Dataset:
     """Lazy partitions of the train and validation splits, plus their statistics."""
 
-    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, fmt: str | None, identity: Any,
-                 files: list[str] | None = None):
-        """``ddf`` of format ``fmt`` (None: generated), opened by ``open_dataset`` (or, --follow, from the
-        files present at start); ``identity``: what the data is, for the fingerprint (``_identity``);
-        ``files``: the Parquet file behind each partition of ``ddf`` (a ``parquet_source``). Listing
-        ``--data`` is the opener's: here only the frame's columns are checked (and, where the data has no
-        row ids, the partitions' lengths are counted)."""
+    def __init__(self, ddf: dd.DataFrame, cfg: DataConfig, seed: int, source: Source, features: list[str],
+                 lengths: list[int] | None):
+        """Plain values, no I/O: use :meth:`open`, which reads what these need.
+
+        ``ddf``: the frame of ``source`` (one partition per file for Parquet), its columns checked;
+        ``features``: the feature columns; ``lengths``: the rows of each partition where the data has no
+        row ids of its own (the ids are the rows' global positions), else None.
+        """
         self.cfg = cfg
         self.seed = seed
-        assert files is None or len(files) == ddf.npartitions, "one partition per Parquet file"
+        self.source = source
         # One partition per file: training reads each with pyarrow, straight to numpy (Dataset.partitions).
-        self.data_files = files
-        self.label = ARRAY_LABEL if fmt in ("npy", "zarr") else cfg.label
-        self.features = _select_features(ddf, cfg, self.label)
-        _check_label_and_ids(ddf, cfg, self.label)
+        self.data_files = source.paths if source.format == "parquet" else None
+        assert self.data_files is None or len(self.data_files) == ddf.npartitions, "one partition per Parquet file"
+        self.label = _label(cfg, source)
+        self.features = features
         # Only the columns used: Parquet then reads nothing else.
         ddf = ddf[[c for c in (ROW_ID, *self.features, self.label) if c in ddf.columns]]
         self.columns = tuple(map(str, ddf.columns))  # as read from each file (--follow)
         self.own_ids = ROW_ID in ddf.columns
-        if ROW_ID not in ddf.columns:
-            # Row ids are the rows' global positions; they need the partitions' lengths first.
-            with read_errors(data_where(cfg)):
-                if self.data_files is not None:  # the footers say: no pass over the data
-                    lengths = list(dask.compute(*[dask.delayed(parquet_rows, pure=False)(f) for f in self.data_files]))
-                else:
-                    lengths = ddf.map_partitions(len).compute().tolist()
+        if not self.own_ids:
+            assert lengths is not None and len(lengths) == ddf.npartitions, "Dataset.open counts the rows"
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int).tolist()
             ddf = ddf.map_partitions(_with_row_ids, offsets, meta={**ddf.dtypes.to_dict(), ROW_ID: np.int64})
         self.ddf = ddf
         self._parts: list[Delayed] = own_graphs(list(ddf.to_delayed()))
         schema = {str(c): str(t) for c, t in ddf.dtypes.items()}
-        self.token = _digest(identity, schema, ddf.npartitions, self.features, self.label, cfg.val_fraction,
-                             seed, cfg.fillna)[:32]
+        self.token = _digest(list(source.identity), schema, ddf.npartitions, self.features, self.label,
+                             cfg.val_fraction, seed, cfg.fillna)[:32]
         self.stats: Stats | None = None
         self._spec = Spec(tuple(self.features), self.label, cfg.val_fraction, seed, cfg.fillna, cfg.task)
+
+    @classmethod
+    def open(cls, cfg: DataConfig, seed: int, source: Source | None = None) -> Dataset:
+        """The dataset of ``source`` (default: ``--data`` listed now); errors name the flag and the fix.
+
+        The I/O a Dataset needs happens here: the frame's schema is read, its columns checked and, where
+        the data has no row ids, the partitions' rows counted (from the Parquet footers: no pass over
+        the data).
+        """
+        source = source or list_source(cfg)
+        ddf = frame(source, cfg, seed)
+        label = _label(cfg, source)
+        features = _select_features(ddf, cfg, label)
+        _check_label_and_ids(ddf, cfg, label)
+        lengths = None
+        if ROW_ID not in ddf.columns:
+            with read_errors(data_where(cfg)):
+                if source.format == "parquet":
+                    lengths = list(dask.compute(*[dask.delayed(parquet_rows, pure=False)(f) for f in source.paths]))
+                else:
+                    lengths = ddf[[label]].map_partitions(len).compute().tolist()
+        return cls(ddf, cfg, seed, source, features, lengths)
 
     @property
     def num_partitions(self) -> int:
@@ -285,22 +299,10 @@ class Dataset:
         return out
 
 
-def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The dataset of ``--data`` (or the generated one); errors name the flag and the fix.
+def _label(cfg: DataConfig, source: Source) -> str:
+    return ARRAY_LABEL if source.format in ("npy", "zarr") else cfg.label
 
-    A Parquet source is one partition per file, listed once here and handed to the Dataset, which has
-    the workers read each with pyarrow straight to numpy for training.
-    """
-    if cfg.data is None:
-        return Dataset(generated(cfg, seed), cfg, seed, None, _identity(cfg, None))
-    fmt = data_format(cfg)
-    files = None
-    with read_errors(data_where(cfg)):
-        if fmt == "parquet":
-            files = data_files(cfg, fmt)
-            ddf = parquet_source(files)
-        elif fmt == "csv":
-            ddf = dd.read_csv(data_files(cfg, fmt), blocksize="64MB")
-        else:
-            ddf = open_npy(cfg) if fmt == "npy" else open_zarr(cfg)
-    return Dataset(ddf, cfg, seed, fmt, _identity(cfg, fmt), files=files)
+
+def open_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset of ``--data`` (or the generated one): :meth:`Dataset.open`."""
+    return Dataset.open(cfg, seed)

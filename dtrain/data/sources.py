@@ -110,33 +110,59 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
                         "the fsspec package for its protocol") from None
 
 
-def _matches(path: str) -> list[str]:
-    """The files or directories ``path`` names (a glob may name many); empty when there are none."""
-    fs, root = _fs(path)
-    try:
-        if fs.exists(root):
-            return [root]
-        return sorted(fs.glob(root)) if any(c in root for c in "*?[") else []
-    except OSError as e:
-        raise UserError(f"--data: cannot list {path!r} ({first_line(e)}); check the path and credentials") from None
-
-
 _SUFFIXES = (("parquet", _PARQUET_EXT), ("csv", (".csv", ".csv.gz")), ("npy", (".npy",)), ("zarr", (".zarr",)))
 
 
-def data_format(cfg: DataConfig) -> str | None:
-    """The format of ``--data`` (``--format``, else guessed from the names); None for generated data."""
-    if cfg.data is None:
-        return None
-    found = _matches(cfg.data)
-    if not found:
-        raise UserError(f"--data: no such file or directory {cfg.data!r}; check the path")
+@dataclass(frozen=True)
+class Source:
+    """``--data`` as listed, once: its format, its data files and what it is, for the fingerprint.
+
+    Made by :func:`list_source` (or, ``--follow``, from the files present at the first start); the
+    Dataset, the fingerprint and ``--follow`` take it rather than listing ``--data`` again (an object
+    store answers every listing slowly, and a directory being written to could answer differently).
+    """
+
+    data: str | None  # --data; None: the generated data
+    format: str | None  # one of FORMATS; None: the generated data
+    files: tuple[FileInfo, ...]  # the data files (parquet, csv, npy), in reading order, with mtime and size
+    identity: tuple[Any, ...]  # what the data is (generator parameters, or every name, size and date)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+
+def _listing(path: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """What ``path`` names (a glob may name many), and every file under those names with its details.
+
+    One listing with details, not a request per file: object stores answer slowly.
+    """
+    fs, root = _fs(path)
+    try:
+        if fs.exists(root):
+            found = {root: fs.info(root)}
+        elif any(c in root for c in "*?["):
+            found = fs.glob(root, detail=True)
+        else:
+            return [], {}
+        infos: dict[str, dict[str, Any]] = {}
+        for name, info in sorted(found.items()):
+            inside = fs.find(name, detail=True) if info.get("type") == "directory" else {name: info}
+            infos.update(sorted(inside.items()))
+    except OSError as e:
+        raise UserError(f"--data: cannot list {path!r} ({first_line(e)}); check the path and credentials") from None
+    return sorted(found), infos
+
+
+def _guess_format(cfg: DataConfig, matches: list[str], infos: dict[str, dict[str, Any]]) -> str:
+    assert cfg.data is not None
     if cfg.format != "auto":
         return cfg.format
-    names = [str(n).rstrip("/") for n in found]
-    fs, _ = _fs(cfg.data)
-    if len(found) == 1 and not names[0].endswith(".zarr") and fs.isdir(found[0]):
-        names = [str(n).rstrip("/") for n in fs.ls(found[0], detail=False)]
+    names = [str(n).rstrip("/") for n in matches]
+    if len(matches) == 1 and not names[0].endswith(".zarr") and names[0] not in infos:  # one directory
+        root = names[0]
+        # The directory's own entries: a file, or the first component of a path below it.
+        names = sorted({root + "/" + n[len(root) + 1:].split("/")[0] for n in infos if n.startswith(root + "/")})
         if not names:
             raise UserError(f"--data: {cfg.data!r} is an empty directory; point --data at the dataset's files")
         if any(os.path.basename(n) in ("zarr.json", ".zgroup") for n in names):
@@ -149,20 +175,52 @@ def data_format(cfg: DataConfig) -> str | None:
     raise UserError(f"--data: cannot tell the format of {cfg.data!r}; pass --format {'|'.join(FORMATS)}")
 
 
-def data_files(cfg: DataConfig, fmt: str) -> list[str]:
-    """The data files of ``--data`` (a file, directory or glob); refuses a selection without any."""
+def _when(info: dict[str, Any]) -> str:
+    return str(next((info[k] for k in ("mtime", "LastModified", "updated", "ETag") if k in info), None))
+
+
+def list_source(cfg: DataConfig) -> Source:
+    """List ``--data`` once: its format (``--format``, else guessed from the names), files and identity.
+
+    The identity is what the fingerprint hashes: the generator's parameters, or every file's name, size
+    and date. Dask's own tokens for file sources differ between processes, so they cannot name partitions
+    that every rank shares, nor tell whether a checkpoint was trained on this data.
+    """
+    if cfg.data is None:
+        return Source(None, None, (), ("generated", cfg.gen_rows, cfg.gen_features, cfg.gen_classes,
+                                        cfg.gen_partitions, cfg.gen_noise))
+    matches, infos = _listing(cfg.data)
+    if not matches:
+        raise UserError(f"--data: no such file or directory {cfg.data!r}; check the path")
+    fmt = _guess_format(cfg, matches, infos)
+    listed = [infos]
+    if fmt == "npy":
+        listed.append(_listing(cfg.label)[1])
+    identity = [[name, info.get("size"), _when(info)] for one in listed
+                for name in sorted(one)[:10000]  # capped: a zarr store has a file per chunk
+                for info in [one[name]]]
+    files: tuple[FileInfo, ...] = ()
+    if fmt in ("parquet", "csv"):
+        files = _data_files(cfg, fmt, infos)
+    elif fmt == "npy":
+        files = tuple(FileInfo(n, _mtime(infos[n]), int(infos[n].get("size") or 0)) for n in sorted(infos))
+    return Source(cfg.data, fmt, files, (fmt, cfg.data, identity))
+
+
+def _data_files(cfg: DataConfig, fmt: str, infos: dict[str, dict[str, Any]]) -> tuple[FileInfo, ...]:
+    """The data files of a listing; refuses a selection without any."""
     assert cfg.data is not None
     exts = dict(_SUFFIXES)[fmt]
     fs, _ = _fs(cfg.data)
-    files: list[str] = []
-    for m in _matches(cfg.data):
-        # Names starting with . or _ are bookkeeping (_SUCCESS, .crc), as for Spark and pyarrow.
-        inside = sorted(fs.find(m)) if fs.isdir(m) else [m]
-        files += [f for f in inside if f.endswith(exts) and not os.path.basename(f).startswith((".", "_"))]
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    # Names starting with . or _ are bookkeeping (_SUCCESS, .crc), as for Spark and pyarrow.
+    files = tuple(FileInfo(f if protocol in ("file", "local") else fs.unstrip_protocol(f), _mtime(info),
+                           int(info.get("size") or 0))
+                  for f, info in infos.items()
+                  if f.endswith(exts) and not os.path.basename(f).startswith((".", "_")))
     if not files:
         raise UserError(f"--data: no {fmt} files ({', '.join(exts)}) in {cfg.data!r}; check the path or --format")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return files if protocol in ("file", "local") else [fs.unstrip_protocol(f) for f in files]
+    return files
 
 
 # -- Parquet, file by file (and a followed directory, listed again and again) ----------------------
@@ -402,27 +460,16 @@ def read_errors(where: str) -> Iterator[None]:
         raise UserError(f"--data: cannot read {where} ({first_line(e)}); check the files and --format") from None
 
 
-def _identity(cfg: DataConfig, fmt: str | None) -> list[Any]:
-    """What the data is, for the fingerprint: the generator's parameters, or every file's name, size and date.
-
-    Dask's own tokens for file sources differ between processes, so they cannot name partitions that
-    every rank shares, nor tell whether a checkpoint was trained on this data.
-    """
-    if cfg.data is None:
-        return ["generated", cfg.gen_rows, cfg.gen_features, cfg.gen_classes, cfg.gen_partitions, cfg.gen_noise]
-    files = []
-    for path in [cfg.data, cfg.label] if fmt == "npy" else [cfg.data]:
-        fs, root = _fs(path)
-        # One listing with details (not a request per file: object stores answer slowly).
-        if fs.exists(root):
-            infos = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
-        else:
-            infos = fs.glob(root, detail=True)
-        for name in sorted(infos)[:10000]:  # capped: a zarr store has a file per chunk
-            info = infos[name]
-            when = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag") if k in info), None)
-            files.append([name, info.get("size"), str(when)])
-    return [fmt, cfg.data, files]
+def frame(source: Source, cfg: DataConfig, seed: int) -> dd.DataFrame:
+    """``source`` as a lazy DataFrame: one partition per Parquet file, in the listed order."""
+    if source.format is None:
+        return generated(cfg, seed)
+    with read_errors(data_where(cfg)):
+        if source.format == "parquet":
+            return parquet_source(source.paths)
+        if source.format == "csv":
+            return dd.read_csv(source.paths, blocksize="64MB")
+        return open_npy(cfg) if source.format == "npy" else open_zarr(cfg)
 
 
 def _digest(*parts: Any) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dtrain.config import Config, field_type, section_fields
+from dtrain.config import Config, choices, field_type, section_fields
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 COMMAND = "python -m dtrain.configref"
@@ -46,7 +46,8 @@ def _fmt_default(value: Any) -> str:
 
 def _fmt_type(cls: type, name: str) -> str:
     tp, is_list = field_type(cls, name)
-    text = tp.__name__
+    options = choices(cls, name)
+    text = "one of " + ", ".join(f"`{o}`" for o in options) if options else tp.__name__
     if is_list:
         text = f"list of {text} (comma-separated)"
     if type(None) in getattr(get_type_hints(cls)[name], "__args__", ()):

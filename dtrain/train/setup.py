@@ -13,9 +13,9 @@ from typing import Any
 from dtrain import dist
 from dtrain.config import Config
 from dtrain.coordinator import Coordinator
-from dtrain.data.dataset import Dataset, open_dataset
+from dtrain.data.dataset import Dataset
 from dtrain.data.follow import Feed, FileInfo, arrival_order
-from dtrain.data.sources import data_format, follow_root, list_parquet, parquet_source
+from dtrain.data.sources import Source, follow_root, list_parquet, list_source
 from dtrain.errors import UserError
 
 
@@ -38,7 +38,7 @@ def check_follow(cfg: Config) -> None:
         return
     assert cfg.data.data is not None
     source = follow_root(cfg.data.data)
-    if data_format(cfg.data) != "parquet":
+    if list_source(cfg.data).format != "parquet":
         raise UserError(f"--follow: --data {source!r} does not hold Parquet files; write the stream as "
                         "Parquet (.parquet) files")
 
@@ -58,7 +58,7 @@ def open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any] 
     of the first run whatever landed since.
     """
     if not cfg.data.follow:
-        dataset = open_dataset(cfg.data, cfg.train.seed)
+        dataset = Dataset.open(cfg.data, cfg.train.seed)
         return dataset, coord.resume(dataset.token), None
     assert cfg.data.data is not None
     source = cfg.data.data
@@ -70,8 +70,8 @@ def open_data(cfg: Config, coord: Coordinator) -> tuple[Dataset, dict[str, Any] 
         if not infos:
             raise UserError(f"--follow: no Parquet files in {source!r} yet; the statistics come from the files "
                             "present at start: start once the first file has landed")
-    identity = ["follow", source, [[f.path, f.size, f.mtime] for f in infos]]
-    paths = [f.path for f in infos]
-    dataset = Dataset(parquet_source(paths), cfg.data, cfg.train.seed, "parquet", identity, files=paths)
+    # The Source is these files, not a fresh listing of the directory.
+    listed = Source(source, "parquet", tuple(infos), ("follow", source, [[f.path, f.size, f.mtime] for f in infos]))
+    dataset = Dataset.open(cfg.data, cfg.train.seed, listed)
     coord.check_fingerprint(resumed, dataset.token)
     return dataset, resumed, infos
