@@ -87,6 +87,8 @@ class DataConfig:
     val_fraction: float = doc(0.1, "fraction of rows held out for evaluation (chosen by a hash of the row id)")
     eval_data: str | None = doc(None, "separate evaluation set (same columns as --data), evaluated after every "
                                 "epoch instead of the --val-fraction split, which then does not apply")
+    eval_label: str | None = doc(None, "--eval-data's label: its column (default: --label's), or with .npy data "
+                                 "its labels file (required there)")
     fillna: float | None = doc(None, "value replacing missing features (default: missing values are an error)")
     shuffle: bool = doc(True, "shuffle partitions and rows within the shuffle window every epoch")
     shuffle_window: int = doc(4, "partitions whose rows are shuffled together (bounds memory on the cluster)")
@@ -128,6 +130,8 @@ class DataConfig:
         if self.eval_data is not None and self.follow:
             raise ConfigError("eval_data", "does not apply with --follow (one pass, evaluated progressively); "
                                            "drop --eval-data")
+        if self.eval_label is not None and self.eval_data is None:
+            raise ConfigError("eval_label", "applies to --eval-data only; add --eval-data or drop --eval-label")
         if self.idle_timeout is not None and not self.follow:
             raise ConfigError("idle_timeout", "only applies with --follow; add --follow or drop --idle-timeout")
 

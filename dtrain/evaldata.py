@@ -31,8 +31,12 @@ def resolve(cfg: Config) -> Config:
 def partitions(cfg: Config, stats: Stats) -> tuple[list[Delayed], list[int]]:
     """The evaluation set's partitions, prepared with the training statistics, and their row counts."""
     assert cfg.data.eval_data is not None
-    data_cfg = dataclasses.replace(cfg.data, data=cfg.data.eval_data, features=list(stats.features),
-                                   task=stats.task, val_fraction=0.0, follow=False)
+    label = cfg.data.eval_label or cfg.data.label
+    if label == cfg.data.label and label.endswith(".npy"):  # the training rows' labels cannot be these rows'
+        raise UserError(f"--eval-label: with .npy evaluation data, name its labels file (--eval-label "
+                        f"y_eval.npy); {label!r} holds the labels of --data")
+    data_cfg = dataclasses.replace(cfg.data, data=cfg.data.eval_data, label=label, features=list(stats.features),
+                                   task=stats.task, val_fraction=0.0, follow=False, eval_data=None, eval_label=None)
     try:
         dataset = open_dataset(data_cfg, cfg.train.seed)
         own = dist.run_on_main(dataset.compute_stats, name="eval-stats")  # counts and checks, on the workers

@@ -16,23 +16,25 @@ RUN_DIR is a finished run's directory (its ``model.pt2``, else ``model.pt``) or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-import shutil
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import dask
+import fsspec
 import numpy as np
 import pandas as pd
 import torch
 from dask.local import get_sync
 
-from dtrain import data
+from dtrain import data, storage
 from dtrain.config import ClusterConfig, DataConfig, UserError
 from dtrain.data import dataset, sources
 from dtrain.data.prepare import PartGraph
@@ -177,10 +179,19 @@ def check_columns(columns: dict[str, Any], meta: dict[str, Any], label: str) -> 
 
 def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfig | None = None) -> dict[str, Any]:
     """Score ``data_cfg.data`` with the model of ``run_path``; Parquet files under ``out``; the metrics."""
+    staging = _staging(out)  # before any work: a place that cannot be written is one line now
+    try:
+        result = _predict(run_path, data_cfg, staging, cluster or ClusterConfig())
+        _publish(staging, out, json.dumps(result, indent=1))
+    except BaseException:
+        _remove(staging)  # this call's own: nothing partial is left
+        raise
+    return result
+
+
+def _predict(run_path: str, data_cfg: DataConfig, staging: str, cluster: ClusterConfig) -> dict[str, Any]:
     from dtrain.cluster import connect
 
-    if (os.path.isdir(out) and os.listdir(out)) or os.path.isfile(out):
-        raise UserError(f"--out: {out!r} already exists; choose a new directory (nothing is overwritten)")
     kind, payload, meta = _payload(run_path)
     # The schema is known from the files' metadata (or a sample of a CSV): bad data is refused before
     # any cluster starts.
@@ -189,35 +200,61 @@ def predict(run_path: str, data_cfg: DataConfig, out: str, cluster: ClusterConfi
     label = sources.ARRAY_LABEL if source.format in ("npy", "zarr") else data_cfg.label
     has_label = check_columns({str(c): t for c, t in ddf.dtypes.items()}, meta, label)
     ddf = ddf[[c for c in ddf.columns if c in (data.ROW_ID, *meta["features"], label)]]
-    with connect(cluster or ClusterConfig()) as client:
+    with connect(cluster) as client:
         parts = dataset.own_graphs(list(ddf.to_delayed()))
         offsets: list[int | None] = [None] * len(parts)
         if data.ROW_ID not in ddf.columns:  # rows numbered by position, as training numbers them
             with sources.read_errors(sources.data_where(data_cfg)):
                 lengths = ddf.map_partitions(len).compute().tolist()
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
-        os.makedirs(out, exist_ok=True)
         digest = hashlib.sha256(payload if kind == "pt2" else run_path.encode()).hexdigest()
         [model] = client.scatter([(digest, kind, payload)], broadcast=True, hash=False)
         tasks = [dask.delayed(predict_part, pure=False)(PartGraph.of(p), model, meta,
                                                         label if has_label else None, o,
-                                                        os.path.join(out, f"part-{i:05d}.parquet"))
+                                                        f"{staging}/part-{i:05d}.parquet")
                  for i, (p, o) in enumerate(zip(parts, offsets, strict=True))]
-        try:
-            with sources.read_errors(sources.data_where(data_cfg)):
-                totals = list(dask.compute(*tasks))
-            errors = [t["error"] for t in totals if "error" in t]
-            if errors:
-                raise UserError(errors[0])
-        except BaseException:
-            # The directory is this run's own (it had to be new): no partial output is left to be
-            # mistaken for a complete one.
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-    result = metrics(totals, meta)
-    with open(os.path.join(out, "_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+        with sources.read_errors(sources.data_where(data_cfg)):
+            totals = list(dask.compute(*tasks))
+    errors = [t["error"] for t in totals if "error" in t]
+    if errors:
+        raise UserError(errors[0])
+    return metrics(totals, meta)
+
+
+def _staging(out: str) -> str:
+    """Check that ``out`` (a local path or an fsspec URL) is new and writable, before any work; return the
+    URL of a fresh staging directory beside it, which the workers write into.
+
+    The output appears at ``out`` whole or not at all: ``_publish`` renames the staging directory there
+    once every part and the metrics are written, so an interrupted run leaves no ``out`` to be mistaken for
+    a complete one (only ``out.tmp-*``, which a rerun does not read).
+    """
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
+        raise UserError(f"--out: {out!r} already exists; choose a new directory (nothing is overwritten)")
+    staging = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
+    storage.probe(fs.unstrip_protocol(staging), "--out", out)  # creates it, or one line: read-only, no bucket...
+    return fs.unstrip_protocol(staging)
+
+
+def _publish(staging: str, out: str, metrics_json: str) -> None:
+    """Write the metrics into ``staging``, then move it to ``out`` in one rename (local and file:// URLs;
+    an object store copies, and ``out`` appears once the copy is done)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    _, tmp = fsspec.core.url_to_fs(staging)
+    with fs.open(f"{tmp}/_metrics.json", "w") as f:
+        f.write(metrics_json)
+    if fs.exists(root):  # the empty directory the user named: a rename replaces it only when absent
+        fs.rmdir(root)
+    fs.mv(tmp, root, recursive=True)
+
+
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    with contextlib.suppress(Exception):
+        fs.rm(path, recursive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "when the data has the label column.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's directory, or one of its checkpoints")
     p.add_argument("--data", required=True, help="the rows to score, in any format dtrain trains on")
-    p.add_argument("--out", required=True, help="new directory for part-*.parquet and _metrics.json")
+    p.add_argument("--out", required=True, help="new directory (a path or an fsspec URL) for part-*.parquet and "
+                   "_metrics.json; it appears once complete")
     p.add_argument("--format", default="auto", help="format of --data (default: guessed from the names)")
     p.add_argument("--label", default=None, help="label column (default: the training run's; npy: the labels "
                    "file, required)")

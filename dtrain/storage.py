@@ -52,10 +52,10 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def probe(url: str, flag: str) -> None:
+def probe(url: str, flag: str, shown: str | None = None) -> None:
     """Create ``url`` if needed, then write, fsync, rename and remove a probe file in it.
 
-    Raises UserError (one line naming ``flag``) if any of it fails. Everything an object store's
+    Raises UserError (one line naming ``flag`` and ``shown``, default ``url``) if any of it fails. Everything an object store's
     client raises counts: its errors are not always OSErrors.
     """
     fs, root = fsspec.core.url_to_fs(url)
@@ -75,7 +75,7 @@ def probe(url: str, flag: str) -> None:
         for path in (tmp, final):  # on a file system that allows removing only
             with contextlib.suppress(Exception):
                 fs.rm(path)
-        raise UserError(f"{flag}: cannot write to {url!r} ({reason(e)}); choose a writable location "
+        raise UserError(f"{flag}: cannot write to {shown or url!r} ({reason(e)}); choose a writable location "
                         f"with {flag} or make this one writable") from None
 
 

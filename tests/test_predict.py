@@ -178,12 +178,36 @@ def test_digits_two_ranks_reach_sklearn_mlp(horovodrun: Any, tmp_path: Path) -> 
     assert json.loads((run / "summary.json").read_text())["eval_accuracy"] == pytest.approx(scored["accuracy"])
 
 
+def _write_as(df: pd.DataFrame, fmt: str, where: Path) -> tuple[Path, list[str]]:
+    """``df`` saved in ``fmt`` under ``where``; the path and the label flags that read it back."""
+    x, y = df[FEATURES].to_numpy(np.float32), df["label"].to_numpy(np.int64)
+    if fmt == "parquet":
+        df.to_parquet(where / "test.parquet", index=False)
+        return where / "test.parquet", []
+    if fmt == "csv":
+        df.to_csv(where / "test.csv", index=False)
+        return where / "test.csv", []
+    if fmt == "npy":
+        np.save(where / "x_test.npy", x)
+        np.save(where / "y_test.npy", y)
+        return where / "x_test.npy", [str(where / "y_test.npy")]
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(str(where / "test.zarr"), mode="w")
+    group.create_array("x", data=x)
+    group.create_array("y", data=y)
+    return where / "test.zarr", []
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "npy", "zarr"])
 @pytest.mark.cluster
-def test_eval_data_is_evaluated_every_epoch_with_training_statistics(trained: dict[str, Any], tmp_path: Path) -> None:
+def test_eval_data_and_predict_read_every_format(trained: dict[str, Any], tmp_path: Path, fmt: str) -> None:
+    """--eval-data is evaluated every epoch with the training statistics, and dtrain.predict scores the same
+    rows alike, whatever the format the evaluation set comes in (a file:// URL for --out)."""
     held_out = _rows(300, 10_000, 42)
-    held_out.to_csv(tmp_path / "test.csv", index=False)
+    path, labels = _write_as(held_out, fmt, tmp_path)
     run = tmp_path / "run"
-    p = _run(["-m", "dtrain", "--data", str(trained["data"]), "--eval-data", str(tmp_path / "test.csv"),
+    p = _run(["-m", "dtrain", "--data", str(trained["data"]), "--eval-data", str(path),
+              *(["--eval-label", labels[0]] if labels else []),
               "--run-dir", str(run), "--epochs", "2", "--hidden", "16", "--global-batch-size", "64",
               "--dask-workers", "1"])
     assert p.returncode == 0, p.stderr[-4000:]
@@ -195,6 +219,35 @@ def test_eval_data_is_evaluated_every_epoch_with_training_statistics(trained: di
     model = dtrain.load(str(run))
     accuracy = float((model.predict(held_out) == held_out["label"]).mean())
     assert summary["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+    out = f"file://{tmp_path}/scored"
+    p = _run(["-m", "dtrain.predict", str(run), "--data", str(path), *(["--label", labels[0]] if labels else []),
+              "--out", out, "--dask-workers", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout.strip().splitlines()[-1])
+    assert printed["rows"] == 300 and printed["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    scored = pd.read_parquet(tmp_path / "scored").sort_values("row_id")
+    np.testing.assert_array_equal(scored["prediction"], model.predict(held_out))
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []  # the staging directory moved
+
+
+@pytest.mark.cluster
+def test_npy_eval_data_without_its_labels_is_one_line(trained: dict[str, Any], tmp_path: Path) -> None:
+    path, _ = _write_as(_rows(50, 0, 1), "npy", tmp_path)
+    p = _run(["-m", "dtrain", "--data", str(path), "--label", str(tmp_path / "y_test.npy"), "--eval-data", str(path),
+              "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--dask-workers", "1"])
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("dtrain: error: --eval-label: with .npy evaluation data, "
+                                                        "name its labels file")
+
+
+@pytest.mark.cluster
+def test_read_only_out_is_one_line_before_any_work(trained: dict[str, Any], tmp_path: Path, mount_tmpfs: Any) -> None:
+    ro = mount_tmpfs(tmp_path / "ro", ro=True)
+    p = _run(["-m", "dtrain.predict", str(trained["run"]), "--data", str(trained["data"]), "--out", str(ro / "out")])
+    assert p.returncode == 2, p.stderr[-3000:]
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith(f"dtrain: error: --out: cannot write to {str(ro / 'out')!r} (Read-only file system)"), line
 
 
 @pytest.mark.cluster
