@@ -46,7 +46,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from dtrain import shm
+from dtrain import flat, groups, shm
+from dtrain import transport as transport_choice
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +61,16 @@ _initialized = False
 _group: Any = None
 # Set by init() where shared memory carries the gradient collectives: a dtrain.shm.ShmGroup.
 _shm: Any = None
-# Flat buffers the gradient collectives pack into, kept between steps: (name, dtype, device) -> buffer.
-_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 CPU_CYCLE_TIME_MS = "0.1"  # Horovod carries the gradients: its cycle is on every step's critical path
 CONTROL_CYCLE_TIME_MS = "10"  # Horovod carries only rare control messages: keep its idle polling cheap
-TRANSPORT_ENV = "DTRAIN_ALLREDUCE"
-TRANSPORTS = ("auto", "shm", "torch", "horovod")
-TRANSPORT_NAMES = {"none": "nothing (one process)", "shm": "shared memory", "torch": "torch.distributed Gloo",
-                   "horovod": "Horovod"}
+TRANSPORT_ENV, TRANSPORTS, TRANSPORT_NAMES = transport_choice.ENV, transport_choice.CHOICES, transport_choice.NAMES
 # Allowed for a peer to reach a collective, e.g. while it waits for its data: as torch's own default.
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launched_by_horovodrun() -> bool:
-    return "HOROVOD_RANK" in os.environ or os.environ.get("HOROVOD_ELASTIC") == "1"
+    return transport_choice.launched_by_horovodrun(os.environ)
 
 
 def usable_cores() -> int:
@@ -84,38 +80,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip() not in ("", "0")
-
-
 def gradient_transport() -> str:
-    """``"shm"``, ``"torch"`` or ``"horovod"``: what will carry the gradient collectives (read before ``init``).
-
-    ``DTRAIN_ALLREDUCE``: ``auto`` (default) picks shared memory when every rank is on this host
-    (horovodrun's ``HOROVOD_CROSS_SIZE`` is 1), the run is not elastic, there is no GPU (NCCL through
-    Horovod there) and neither Horovod's autotuner nor its timeline was asked for; torch.distributed's
-    Gloo instead where shared memory is not supported (``dtrain.shm.supported``). ``shm`` insists on
-    shared memory (one host); ``torch`` picks Gloo, also on several hosts; ``horovod`` never leaves Horovod.
-    """
-    from dtrain.config import UserError
-
-    choice = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
-    if choice not in TRANSPORTS:
-        raise UserError(f"{TRANSPORT_ENV}={choice!r}: choose one of {', '.join(TRANSPORTS)}")
-    if (choice == "horovod" or not launched_by_horovodrun() or os.environ.get("HOROVOD_ELASTIC") == "1"
-            or torch.cuda.is_available()):
-        return "horovod"
-    one_host = os.environ.get("HOROVOD_CROSS_SIZE", "") == "1"
-    if choice == "shm":
-        if not (one_host and shm.supported()):
-            raise UserError(f"{TRANSPORT_ENV}=shm needs every rank on one x86-64 Linux host; "
-                            f"use {TRANSPORT_ENV}=torch or auto")
-        return "shm"
-    if choice == "auto":
-        if _env_flag("HOROVOD_AUTOTUNE") or os.environ.get("HOROVOD_TIMELINE") or not one_host:
-            return "horovod"
-        return "shm" if shm.supported() else "torch"
-    return "torch"
+    """``"shm"``, ``"torch"`` or ``"horovod"``: what will carry the gradient collectives (read before ``init``;
+    the decision is ``dtrain.transport.choose``)."""
+    return transport_choice.choose(os.environ, torch.cuda.is_available(), shm.supported())
 
 
 def transport() -> str:
@@ -132,7 +100,7 @@ def init() -> None:
         return
     if launched_by_horovodrun():
         chosen = gradient_transport()
-        if not torch.cuda.is_available() and not _env_flag("HOROVOD_AUTOTUNE"):
+        if not torch.cuda.is_available() and not transport_choice.flag(os.environ, "HOROVOD_AUTOTUNE"):
             # Read by Horovod's background thread when it starts (hvd.init); the user's value wins.
             os.environ.setdefault("HOROVOD_CYCLE_TIME",
                                   CPU_CYCLE_TIME_MS if chosen == "horovod" else CONTROL_CYCLE_TIME_MS)
@@ -145,66 +113,14 @@ def init() -> None:
         hvd.init()
         _hvd = hvd
         if chosen in ("shm", "torch") and hvd.size() > 1:
-            _group = _gloo_group()
+            _group = groups.gloo_group(GROUP_TIMEOUT)
         if chosen == "shm" and hvd.size() > 1:
-            _shm = _shm_group()
+            _shm = groups.host_shm_group(GROUP_TIMEOUT)
     _initialized = True
     threads = configure_threads()
     if is_distributed() and is_main():
         log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s", size(), local_size(),
                  threads, TRANSPORT_NAMES[transport()])
-
-
-def _shm_group() -> Any:
-    """This host's ranks summing through shared memory; rank 0 names the job's files."""
-    import uuid
-
-    token = _hvd.broadcast_object(uuid.uuid4().hex[:12] if _hvd.rank() == 0 else None, root_rank=0,
-                                  name="dtrain-shm-token")
-    return shm.ShmGroup(_hvd.rank(), _hvd.size(), token,
-                        exchange=lambda obj: list(_hvd.allgather_object(obj, name="dtrain-shm")),
-                        timeout=GROUP_TIMEOUT.total_seconds())
-
-
-def _gloo_group() -> Any:
-    """A torch.distributed Gloo process group over Horovod's ranks; rank 0's store address is broadcast.
-
-    None (Horovod then carries the gradients) if this process already has a default group of its own.
-    """
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        log.info("torch.distributed is already initialised by this program: gradients travel over Horovod")
-        return None
-    iface = os.environ.get("HOROVOD_GLOO_IFACE")
-    if iface:  # the interface horovodrun chose for Gloo (``lo`` on one host): Gloo's sockets use it too
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-    host = "127.0.0.1" if os.environ.get("HOROVOD_CROSS_SIZE") == "1" else _interface_address(iface)
-    store = None
-    port = 0
-    if _hvd.rank() == 0:  # port 0: the OS picks a free one, no race with other jobs on this host
-        store = tdist.TCPStore(host, 0, _hvd.size(), is_master=True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
-        port = store.port
-    port = _hvd.broadcast_object(port, root_rank=0, name="dtrain-gloo-store")
-    if store is None:
-        store = tdist.TCPStore(host, port, _hvd.size(), is_master=False, timeout=GROUP_TIMEOUT)
-    tdist.init_process_group("gloo", store=store, rank=_hvd.rank(), world_size=_hvd.size(), timeout=GROUP_TIMEOUT)
-    return tdist.group.WORLD
-
-
-def _interface_address(iface: str | None) -> str:
-    """Rank 0's IPv4 address on ``iface`` (every rank reaches it there), broadcast to all."""
-    address = None
-    if _hvd.rank() == 0:
-        import socket
-
-        import psutil
-
-        addrs = psutil.net_if_addrs().get(iface or "", []) if iface else []
-        address = next((a.address for a in addrs if a.family == socket.AF_INET), None) or socket.gethostbyname(
-            socket.gethostname())
-    result: str = _hvd.broadcast_object(address, root_rank=0, name="dtrain-gloo-host")
-    return result
 
 
 def spans_hosts() -> bool:
@@ -217,7 +133,7 @@ def main_address() -> str:
     else rank 0's address on the interface horovodrun chose for Gloo (a collective: every rank calls it)."""
     if not is_distributed() or not spans_hosts():
         return "127.0.0.1"
-    return _interface_address(os.environ.get("HOROVOD_GLOO_IFACE"))
+    return groups.interface_address(os.environ.get("HOROVOD_GLOO_IFACE"))
 
 
 def configure_threads() -> int:
@@ -240,7 +156,7 @@ def shutdown() -> None:
     if _hvd is not None:
         _hvd.shutdown()
     _hvd, _initialized, _group, _shm = None, False, None, None
-    _buffers.clear()
+    _packer.clear()
 
 
 def host_group() -> shm.ShmGroup | None:
@@ -322,13 +238,7 @@ def flat_views(like: Sequence[torch.Tensor], extra: int = 0,
     let ``allreduce_sum_(views, uncompressed=[tail])`` reduce the whole buffer with no copy, as DDP's
     ``gradient_as_bucket_view`` does. Returns ``(views, tail)``.
     """
-    device = like[0].device if like else torch.device("cpu")
-    buf = _new_buffer(sum(t.numel() for t in like) + extra, dtype, device)
-    views, offset = [], 0
-    for t in like:
-        views.append(buf[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return views, buf[offset:]
+    return flat.flat_views(like, extra, dtype, _new_buffer)
 
 
 def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -339,38 +249,21 @@ def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.zeros(numel, dtype=dtype, device=device)
 
 
-def _tiled_base(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The 1-D contiguous buffer that ``tensors`` tile exactly, in order and with no gap, if they do."""
-    base = tensors[0]._base if tensors[0]._base is not None else tensors[0]
-    if base.dim() != 1 or not base.is_contiguous():
-        return None
-    offset = base.storage_offset()
-    for t in tensors:
-        if (t is not base and t._base is not base) or not t.is_contiguous() or t.storage_offset() != offset:
-            return None
-        offset += t.numel()
-    return base if offset == base.storage_offset() + base.numel() else None
+_tiled_base = flat.tiled_base
+_packer = flat.Packer(_new_buffer)  # buffers the gradient collectives pack into, kept between steps
 
 
 def _sum_flat_(tensors: list[torch.Tensor], name: str, wire_dtype: torch.dtype | None = None) -> None:
     """Sum ``tensors`` in place across ranks as one flat buffer (see the module's docstring)."""
     if not tensors:
         return
-    kinds = {(t.dtype, t.device) for t in tensors}
+    kinds = dict.fromkeys((t.dtype, t.device) for t in tensors)
     if len(kinds) > 1:  # mixed dtypes or devices: one buffer per kind, in first-seen order
-        for dtype, dev in dict.fromkeys((t.dtype, t.device) for t in tensors):
+        for dtype, dev in kinds:
             _sum_flat_([t for t in tensors if t.dtype == dtype and t.device == dev], f"{name}-{dtype}", wire_dtype)
         return
-    base = _tiled_base(tensors)
-    if base is None:
-        dtype, dev = kinds.pop()
-        numel = sum(t.numel() for t in tensors)
-        buf = _buffers.get((name, dtype, dev))
-        if buf is None or buf.numel() != numel:
-            buf = _buffers[(name, dtype, dev)] = _new_buffer(numel, dtype, dev)
-        torch.cat([t.reshape(-1) for t in tensors], out=buf)
-    else:
-        buf = base
+    base = flat.tiled_base(tensors)
+    buf = base if base is not None else _packer.pack(tensors, name)
     if wire_dtype is not None and buf.is_floating_point() and buf.dtype != wire_dtype:
         wire = buf.to(wire_dtype)
         _collective_sum_(wire, name)
@@ -378,10 +271,7 @@ def _sum_flat_(tensors: list[torch.Tensor], name: str, wire_dtype: torch.dtype |
     else:
         _collective_sum_(buf, name)
     if base is None:
-        offset = 0
-        for t in tensors:
-            t.copy_(buf[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
+        _packer.unpack(buf, tensors)
 
 
 def _collective_sum_(buf: torch.Tensor, name: str) -> None:
@@ -503,64 +393,17 @@ def is_elastic() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
-class LocalState:
-    """The training state of a fixed world: attributes, no commits, no rollbacks."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **attrs: Any):
-        self.model, self.optimizer = model, optimizer
-        self.__dict__.update(attrs)
-
-    def commit(self) -> None:
-        pass
-
-    def save(self) -> None:
-        pass
-
-    def register_reset_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
-        pass
-
-
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **attrs: Any) -> Any:
-    """What a rollback restores and a joining rank receives: model, optimizer and ``attrs``.
-
-    Elastic runs get a Horovod ``State`` whose ``sync`` broadcasts rank 0's model, optimizer state and
-    attributes as one object. (Horovod's ``TorchState`` instead calls ``broadcast_optimizer_state``,
-    which on a fresh optimizer takes a zero-gradient step: AdamW's weight decay then moves weights.)
-    """
-    if not is_elastic():
-        return LocalState(model, optimizer, **attrs)
-    import copy
-
+def elastic_state_base() -> type:
+    """Horovod's elastic ``State`` class, which ``dtrain.elastic`` builds dtrain's training state on."""
     from horovod.common.elastic import State
 
-    from dtrain.checkpoint import snapshot
+    return State
 
-    class ElasticState(State):
-        def __init__(self) -> None:
-            self.model, self.optimizer = model, optimizer
-            self._names = list(attrs)
-            self.__dict__.update(attrs)
-            super().__init__(bcast_object=_hvd.broadcast_object, get_rank=_hvd.rank)
-            self.save()
 
-        def _capture(self) -> dict[str, Any]:
-            return {"model": snapshot(self.model.state_dict()), "optimizer": snapshot(self.optimizer.state_dict()),
-                    "attrs": {k: getattr(self, k) for k in self._names}}
-
-        def save(self) -> None:
-            self._saved = self._capture()
-
-        def restore(self) -> None:
-            self.model.load_state_dict(self._saved["model"])
-            self.optimizer.load_state_dict(copy.deepcopy(self._saved["optimizer"]))
-            self.__dict__.update(self._saved["attrs"])
-
-        def sync(self) -> None:
-            self._saved = _hvd.broadcast_object(self._capture() if _hvd.rank() == 0 else None, root_rank=0,
-                                                name="elastic-state")
-            self.restore()
-
-    return ElasticState()
+def broadcast_object_fn() -> Callable[..., Any]:
+    """Horovod's ``broadcast_object`` (with ``root_rank`` and ``name``), for ``dtrain.elastic``'s state."""
+    fn: Callable[..., Any] = _hvd.broadcast_object
+    return fn
 
 
 def elastic_resets() -> tuple[type[BaseException], ...]:

@@ -55,8 +55,8 @@ def reason(error: BaseException) -> str:
 def probe(url: str, flag: str, shown: str | None = None) -> None:
     """Create ``url`` if needed, then write, fsync, rename and remove a probe file in it.
 
-    Raises UserError (one line naming ``flag`` and ``shown``, default ``url``) if any of it fails. Everything an object store's
-    client raises counts: its errors are not always OSErrors.
+    Raises UserError (one line naming ``flag`` and ``shown``, default ``url``) if any of it fails.
+    Everything an object store's client raises counts: its errors are not always OSErrors.
     """
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/") or "/"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import dtrain
-from dtrain import dist, evaldata, models, portable
+from dtrain import dist, elastic, evaldata, models, portable
 from dtrain.checkpoint import model_sha256
 from dtrain.cluster import connect
 from dtrain.config import Config
@@ -132,7 +132,7 @@ class Trainer:
         # training stands. The data position is (epoch, step, row): row, the epoch's next untrained row
         # in the plan's order, holds whatever the global batch (see dtrain/data/plan.py); schedule is
         # what the LR schedule was fitted to (see refit_schedule).
-        self.state = dist.training_state(self.model, self.step.optimizer, epoch=0, step=0, row=0, global_step=0,
+        self.state = elastic.training_state(self.model, self.step.optimizer, epoch=0, step=0, row=0, global_step=0,
                                          samples=0, schedule=(0, 0.0, 0, 0), early=None, best_model=None)
         # early/best_model (--early-stop): the monitor's dict and the best model, replaced, never mutated,
         # so that a commit keeps its moment's (dtrain/train/early_stop.py).
