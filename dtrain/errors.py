@@ -28,3 +28,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Bad data found by a worker; pickles across Dask so the rank can report it as one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
