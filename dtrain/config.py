@@ -225,6 +225,8 @@ class TrainConfig:
                                  "--monitor; model.pt is then the best evaluated model, model-last.pt the last")
     monitor: Monitor = doc("eval_loss", "--early-stop: the held-out metric watched: eval_loss (lower is better), "
                        "eval_accuracy or eval_r2 (higher is better)")
+    stop_diverged: float | None = doc(None, "stop once the smoothed training loss exceeds this many times its "
+                                      "lowest, or is not finite (stop_reason: diverged); dtrain.lr_find uses 4")
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, get_args(Mode))
@@ -238,6 +240,9 @@ class TrainConfig:
         if self.max_samples is not None:
             _positive("max_samples", self.max_samples)
         _choice("monitor", self.monitor, get_args(Monitor))
+        if self.stop_diverged is not None and not self.stop_diverged > 1:
+            raise ConfigError("stop_diverged", f"must be above 1 (times the lowest loss), got {self.stop_diverged}; "
+                                               "e.g. 4")
         if self.early_stop is not None:
             _positive("early_stop", self.early_stop)
             if self.mode == "online":

@@ -11,10 +11,11 @@ allows a checkpoint (after a sync, when every rank holds the same model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-StopReason = Literal["epochs", "end_of_data", "max_steps", "max_samples", "idle_timeout", "early_stop"]
+StopReason = Literal["epochs", "end_of_data", "max_steps", "max_samples", "idle_timeout", "early_stop", "diverged"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,39 @@ class StepPolicy:
         return synced
 
 
+@dataclass
+class Divergence:
+    """``--stop-diverged``: whether the training loss has diverged, step by step.
+
+    Diverged: the smoothed loss (a bias-corrected moving average, as fastai's recorder smooths it) above
+    ``factor`` times its lowest so far, or not finite, as fastai's and Lightning's range tests stop. It
+    sees the synced steps' global losses, the same numbers on every rank, so every rank decides alike
+    with no collective. Not part of a checkpoint: a resumed run watches from its restart.
+    """
+
+    factor: float
+    beta: float = 0.9  # as dtrain.tools.lr_find smooths the record it cuts at the same point
+    _avg: float = 0.0
+    _seen: int = 0
+    lowest: float = float("inf")
+
+    def update(self, loss: float) -> bool:
+        """Whether the loss has diverged, with this step's global mean loss."""
+        self._seen += 1
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        smoothed = self._avg / (1 - self.beta**self._seen)
+        if not math.isfinite(smoothed) or smoothed > self.factor * self.lowest:
+            return True
+        self.lowest = min(self.lowest, smoothed)
+        return False
+
+
 def stop_reason(*, online: bool, samples: int, max_samples: int | None, global_step: int,
-                max_steps: int | None, idle: bool, early_stopped: bool = False) -> StopReason:
+                max_steps: int | None, idle: bool, early_stopped: bool = False,
+                diverged: bool = False) -> StopReason:
     """Why a run that was not stopped by a signal ended (``stop_reason`` in summary.json)."""
+    if diverged:  # --stop-diverged
+        return "diverged"
     if early_stopped:  # --early-stop: the monitored metric stopped improving
         return "early_stop"
     if max_samples is not None and samples >= max_samples:

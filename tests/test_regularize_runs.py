@@ -108,13 +108,34 @@ def test_early_stop_keeps_the_best_model_across_a_resume(dtrain_local, tmp_path)
 
 
 def test_lr_find_prints_a_suggestion_and_writes_the_plot(dtrain_local, tmp_path):
-    res = dtrain_local(["--gen-rows", "8000", "--optimizer", "sgd", "--momentum", "0", "--num-steps", "60"],
-                       run_dir=tmp_path / "lr", module="dtrain.lr_find").check()
+    res = dtrain_local(["--gen-rows", "8000", "--optimizer", "sgd", "--momentum", "0", "--num-steps", "60",
+                        "--end-lr", "0.5"], run_dir=tmp_path / "lr", module="dtrain.lr_find").check()
     line = [x for x in res.stdout.splitlines() if x.startswith("suggested learning rate: ")]
     assert len(line) == 1, res.output
     found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
-    assert 1e-6 < found["suggested_lr"] < 10 and len(found["lrs"]) == 60
-    assert found["lrs"][0] == pytest.approx(1e-6) and found["lrs"][-1] == pytest.approx(10)
+    assert 1e-6 < found["suggested_lr"] < 0.5 and len(found["lrs"]) == 60  # no divergence below 0.5
+    assert found["lrs"][0] == pytest.approx(1e-6) and found["lrs"][-1] == pytest.approx(0.5)
     assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 0
     bad = dtrain_local(["--start-lr", "1", "--end-lr", "0.1"], run_dir=tmp_path / "bad", module="dtrain.lr_find")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dtrain: error: --start-lr/--end-lr: ")
+
+
+# A script horovodrun starts: under ``__main__`` only, as Dask's worker processes re-import the main module.
+LR_FIND = "import runpy\nif __name__ == '__main__':\n    runpy.run_module('dtrain.lr_find', run_name='__main__')\n"
+
+
+def test_lr_find_stops_every_rank_where_the_loss_diverges(horovodrun, tmp_path):
+    """A range up to an LR of 1000 diverges: both ranks stop at the same step, long before the end."""
+    script = tmp_path / "lr_find.py"
+    script.write_text(LR_FIND)
+    run = tmp_path / "lr"
+    res = horovodrun(["--gen-rows", "8000", "--optimizer", "sgd", "--momentum", "0",
+                      "--num-steps", "80", "--end-lr", "1000", "--run-dir", str(run)], script=str(script)).check()
+    [line] = [x for x in res.stdout.splitlines() if "the loss diverged at " in x]  # rank 0's, once
+    found = json.loads((run / "lr_find.json").read_text())
+    steps = len(found["lrs"])
+    assert steps < 80 and line.endswith(f"stopped after {steps} of 80 steps"), res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "diverged" and summary["steps"] == steps and summary["ranks_identical"]
+    assert found["lrs"][-1] < 1000 and found["suggested_lr"] < found["lrs"][-1]
+

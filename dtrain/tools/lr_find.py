@@ -7,12 +7,11 @@ record the loss at each step, and suggest a third of the LR where the smoothed l
 Every flag of ``python -m dtrain`` is taken (data, model, optimizer, cluster), and under
 ``horovodrun`` the test runs on the ranks and Dask cluster a run would use: it *is* a run
 (``dtrain.engine.run``) with ``--schedule exponential`` per step rising instead of decaying, one
-metrics line a step, and no resume. Rank 0 then reads the losses, cuts them where they diverge (4
-times the lowest smoothed loss, or not finite), prints the suggestion and writes ``lr_find.png``
-(loss against LR, log scale, the suggestion marked) and ``lr_find.json`` into the run directory.
-
-The loss keeps being recorded past the divergence until ``--num-steps``: the steps after it are
-cheap for the models this serves and the cut is made on the record.
+metrics line a step, no resume, and ``--stop-diverged 4``: every rank stops at the same step once the
+smoothed loss exceeds 4 times its lowest or is not finite (the ranks see the same synced losses, so they
+agree without a vote), as fastai's and Lightning's range tests stop. Rank 0 then reads the losses, cuts
+them at the same point, prints the suggestion and writes ``lr_find.png`` (loss against LR, log scale, the
+suggestion marked) and ``lr_find.json`` into the run directory.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A rate that rises: set after validation, which keeps a user's --lr-decay in (0, 1].
         o.lr_decay = (opts.end_lr / opts.start_lr) ** (1 / (opts.num_steps - 1))
         t.max_steps, t.log_every, t.epochs = opts.num_steps, 1, max(t.epochs, opts.num_steps)
-        t.early_stop = None
+        t.early_stop, t.stop_diverged = None, DIVERGED
         r.resume, r.checkpoint_every, r.checkpoint_seconds = "never", 0, 0.0
         r.run_dir = r.run_dir or os.path.join("runs", "lr-find")
         from dtrain import dist
@@ -122,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not dist.is_main():
             return
         result = analyse(r.run_dir)
+        steps = len(result["losses"])
+        if steps < opts.num_steps:
+            print(f"the loss diverged at {result['lrs'][-1]:.3g}: stopped after {steps} of {opts.num_steps} steps")
         print(f"suggested learning rate: {result['suggested_lr']:.3g} (plot: {result['plot']})")
     except UserError as e:
         cli._fail(str(e))

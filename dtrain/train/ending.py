@@ -44,7 +44,7 @@ def outcome(self: Trainer, state: Any, idle: bool) -> dict[str, Any]:
         "world_size": self.world, "sharded_step": self.step.sharded is not None,
         "stop_reason": stop_reason(online=self.online, samples=state.samples, max_samples=self.max_samples,
                                    global_step=state.global_step, max_steps=cfg.train.max_steps, idle=idle,
-                                   early_stopped=self.early_stopped),
+                                   early_stopped=self.early_stopped, diverged=self.diverged),
     }
     if feed is not None:
         result.update(files_consumed=feed.files_done(state.epoch, state.row), files_seen=feed.num_files)

@@ -45,7 +45,7 @@ from dtrain.data.plan import EpochPlan, Position, limited, validate_world
 from dtrain.data.sources import list_parquet
 from dtrain.data.stream import Batch, Stream
 from dtrain.errors import UserError
-from dtrain.policy import StepPolicy
+from dtrain.policy import Divergence, StepPolicy
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.storage import ClusterLost
@@ -285,6 +285,8 @@ class Trainer:
         self.last_loss = float("nan")
         self.final_eval: dict[str, float] | None = None  # the last evaluation, while still current
         self.early_stopped = False  # --early-stop: the monitored metric stopped improving
+        self.diverged = False  # --stop-diverged: the training loss diverged (same on every rank: synced losses)
+        self.divergence = Divergence(cfg.train.stop_diverged) if cfg.train.stop_diverged else None
         self.step.counts.zero()  # a reset may have left a rolled-back step's sums
         self.step.combine.syncs = 0
         self.policy = StepPolicy(self.total_steps, cfg.train.sync_every, cfg.train.log_every,
@@ -317,7 +319,7 @@ class Trainer:
                     self.meter = Meter()
             if self._fit_epoch(state, epoch):
                 return True, False
-            if self.early_stopped:
+            if self.early_stopped or self.diverged:
                 break
         return False, False
 
@@ -337,7 +339,7 @@ class Trainer:
         batches = self.train_stream.batches(epoch_plan, y_dtype=self.y_dtype, then=then)
         for batch in timed(batches, lambda: self.meter):
             stop, synced = self._train_step(state, epoch, epoch_plan, batch)
-            if policy.stop(state.global_step, stop):
+            if self.diverged or policy.stop(state.global_step, stop):
                 break
             if policy.commit(state.global_step, synced):
                 state.commit()  # (4) elastic: a commit to memory, also where changed hosts are noticed
@@ -401,6 +403,10 @@ class Trainer:
             meter.add(loss_sum, right, int(rows))
             self.total.add(loss_sum, right, int(rows))
             stop = votes > 0
+            if self.divergence is not None and rows and self.divergence.update(loss_sum / rows):
+                self.diverged = True
+                log.info("the training loss diverged at step %d (smoothed above %g times its lowest, %.4g): "
+                         "stopping", state.global_step, self.divergence.factor, self.divergence.lowest)
         if policy.log(state.global_step, last_of_epoch, meter.rows):
             self._log(state, epoch, batch)
         return stop, sync

@@ -74,3 +74,19 @@ def test_stop_reasons_in_order_of_precedence():
     assert stop_reason(**{**base, "max_steps": 10, "idle": True}) == "max_steps"
     assert stop_reason(**{**base, "max_steps": 11}) == "epochs"
     assert stop_reason(**{**base, "max_samples": 100, "max_steps": 10}) == "max_samples"
+
+
+def test_divergence_is_the_smoothed_loss_above_factor_times_its_lowest_or_not_finite():
+    from dtrain.policy import Divergence
+
+    falling = Divergence(4.0)
+    assert not any(falling.update(loss) for loss in [2.0, 1.5, 1.2, 1.0, 0.9, 0.95, 1.1])  # noise is not divergence
+    from dtrain.tools.lr_find import smooth, suggest
+
+    losses = [1.0, 0.8, 0.6, 0.5, 2, 8, 32, 128, 512]
+    rising = Divergence(4.0)
+    seen = [rising.update(loss) for loss in losses]
+    # It stops where lr_find's analysis cuts the record, and its low is the smoothed curve's.
+    assert seen.index(True) == suggest([10.0**i for i in range(len(losses))], losses)[1] == 6
+    assert rising.lowest == pytest.approx(min(smooth(losses)))
+    assert Divergence(4.0).update(float("nan")) and Divergence(4.0).update(float("inf"))
