@@ -149,6 +149,27 @@ def test_graceful_shrink_and_grow(dask_client, fixed_size_run, tmp_path):
     assert max_rel_diff(run, fixed_size_run) < 1e-5
 
 
+# --l1 and --early-stop through a world change: the penalty's exact zeros, the early-stop monitor and the
+# best model are part of what a commit holds and a joining rank receives.
+REGULARIZED = [*TRAIN, "--l1", "0.002", "--early-stop", "2"]
+
+
+def test_l1_and_early_stop_through_a_world_change(dask_client, tmp_path):
+    fixed = tmp_path / "fixed"
+    proc = start_job([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", PYTHON, "-m", "dtrain", "--scheduler",
+                      dask_client.scheduler.address, "--run-dir", str(fixed), *REGULARIZED], tmp_path / "fixed.txt")
+    assert proc.wait(timeout=400) == 0, (tmp_path / "fixed.txt").read_text()[-4000:]
+    run, audit, _ = run_elastic(dask_client, tmp_path, "localhost:2\n", shrink_then_grow(100),
+                                train=REGULARIZED)
+    assert 1 in world_sizes(run) and check_audit(audit, run) == 0
+    got, want = (json.loads((r / "summary.json").read_text()) for r in (run, fixed))
+    assert got["zero_weights"] > 0  # --l1 made weights exactly zero, and the summary says how many
+    assert {k: got[k] for k in ("steps", "best_step", "stop_reason")} == \
+        {k: want[k] for k in ("steps", "best_step", "stop_reason")}
+    assert got["zero_weights"] == pytest.approx(want["zero_weights"], abs=0.01)
+    assert max_rel_diff(run, fixed) < 1e-5  # model.pt: the best evaluated model in both
+
+
 def test_rank_killed_then_host_returns(dask_client, fixed_size_run, tmp_path):
     timings: dict[str, float] = {}
 

@@ -107,6 +107,17 @@ def test_early_stop_keeps_the_best_model_across_a_resume(dtrain_local, tmp_path)
     assert again["stop_reason"] == "early_stop" and again["steps"] == s["steps"]
 
 
+def test_early_stop_on_two_ranks_stops_where_one_process_does(dtrain_local, horovodrun, tmp_path):
+    """The early-stop decision and the best model do not depend on the world size."""
+    one = dtrain_local(EARLY, run_dir=tmp_path / "one").check().summary()
+    two = horovodrun(EARLY, np=2, run_dir=tmp_path / "two").check().summary()
+    assert two["stop_reason"] == one["stop_reason"] == "early_stop"
+    assert (two["steps"], two["best_step"]) == (one["steps"], one["best_step"])
+    assert two["best_value"] == pytest.approx(one["best_value"], rel=1e-4)
+    a, b = torch.load(tmp_path / "one" / "model.pt"), torch.load(tmp_path / "two" / "model.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3  # adam, a few hundred steps: reduction order
+
+
 def test_lr_find_prints_a_suggestion_and_writes_the_plot(dtrain_local, tmp_path):
     res = dtrain_local(["--gen-rows", "8000", "--optimizer", "sgd", "--momentum", "0", "--num-steps", "60",
                         "--end-lr", "0.5"], run_dir=tmp_path / "lr", module="dtrain.lr_find").check()
