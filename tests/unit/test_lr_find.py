@@ -48,3 +48,12 @@ def test_smoothing_and_too_early_divergence():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="lower --start-lr"):
         suggest([1.0, 2.0, 3.0, 4.0], [1.0, math.inf, 1.0, 1.0])
+
+
+def test_momentum_scales_the_suggestion_by_its_effective_step():
+    """SGD with momentum m steps 1/(1 - m) times further and is stable up to (1 + m) times the rate."""
+    lrs, losses = range_test(0)
+    plain, kept = suggest(lrs, losses)
+    assert suggest(lrs, losses, momentum=0.9) == (pytest.approx(plain / 19), kept)
+    with pytest.raises(ValueError, match="momentum"):
+        suggest(lrs, losses, momentum=1.0)
