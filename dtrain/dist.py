@@ -64,7 +64,6 @@ _shm: Any = None
 
 CPU_CYCLE_TIME_MS = "0.1"  # Horovod carries the gradients: its cycle is on every step's critical path
 CONTROL_CYCLE_TIME_MS = "10"  # Horovod carries only rare control messages: keep its idle polling cheap
-TRANSPORT_ENV, TRANSPORTS, TRANSPORT_NAMES = transport_choice.ENV, transport_choice.CHOICES, transport_choice.NAMES
 # Allowed for a peer to reach a collective, e.g. while it waits for its data: as torch's own default.
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -120,7 +119,7 @@ def init() -> None:
     threads = configure_threads()
     if is_distributed() and is_main():
         log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s", size(), local_size(),
-                 threads, TRANSPORT_NAMES[transport()])
+                 threads, transport_choice.NAMES[transport()])
 
 
 def spans_hosts() -> bool:
@@ -249,7 +248,6 @@ def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.zeros(numel, dtype=dtype, device=device)
 
 
-_tiled_base = flat.tiled_base
 _packer = flat.Packer(_new_buffer)  # buffers the gradient collectives pack into, kept between steps
 
 
@@ -282,7 +280,7 @@ def _collective_sum_(buf: torch.Tensor, name: str) -> None:
             return
         except shm.Unavailable as e:  # every rank learns it in the same call: all fall back together
             log.warning("%s: gradients travel over Gloo instead (make room in /dev/shm, or set %s=torch)",
-                        e, TRANSPORT_ENV)
+                        e, transport_choice.ENV)
             _shm.close()
             _shm = None
     if _group is not None:

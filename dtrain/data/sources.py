@@ -325,9 +325,6 @@ def parquet_source(files: list[str]) -> dd.DataFrame:
                        enforce_metadata=False, label="dtrain-parquet")
 
 
-# -- array sources (npy, zarr): opened on whichever process reads the rows -------------------------
-
-
 # -- what the data is, and its errors --------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import torch
 
 from dtrain import dist, shm
 from dtrain.config import UserError
+from dtrain.flat import tiled_base
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +17,7 @@ def test_flat_views_tile_one_zeroed_buffer_in_order():
     views, tail = dist.flat_views(like, extra=4)
     assert [v.shape for v in views] == [t.shape for t in like] and tail.numel() == 4
     assert all(not v.any() for v in [*views, tail])
-    base = dist._tiled_base([*views, tail])
+    base = tiled_base([*views, tail])
     assert base is not None and base.numel() == 6 + 4 + 1 + 4
     views[1].fill_(7.0)
     assert base[6:10].eq(7.0).all()  # views, not copies
@@ -24,14 +25,14 @@ def test_flat_views_tile_one_zeroed_buffer_in_order():
 
 def test_tiled_base_refuses_anything_but_an_exact_in_order_tiling():
     views, tail = dist.flat_views([torch.empty(3), torch.empty(2)], extra=1)
-    assert dist._tiled_base([*views, tail]) is not None
-    assert dist._tiled_base([views[1], views[0], tail]) is None  # out of order
-    assert dist._tiled_base(views) is None  # the tail is left out: the buffer is not covered
-    assert dist._tiled_base([torch.zeros(3), torch.zeros(2)]) is None  # separate tensors
-    assert dist._tiled_base([torch.zeros(2, 3)]) is None  # not 1-D
+    assert tiled_base([*views, tail]) is not None
+    assert tiled_base([views[1], views[0], tail]) is None  # out of order
+    assert tiled_base(views) is None  # the tail is left out: the buffer is not covered
+    assert tiled_base([torch.zeros(3), torch.zeros(2)]) is None  # separate tensors
+    assert tiled_base([torch.zeros(2, 3)]) is None  # not 1-D
     flat = torch.zeros(5)
-    assert dist._tiled_base([flat]) is flat  # one flat tensor is its own buffer
-    assert dist._tiled_base([flat[:2], flat[3:]]) is None  # a gap
+    assert tiled_base([flat]) is flat  # one flat tensor is its own buffer
+    assert tiled_base([flat[:2], flat[3:]]) is None  # a gap
 
 
 ONE_HOST = {"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1"}
