@@ -416,6 +416,8 @@ def test_help_lists_every_flag_with_its_doc_and_default(monkeypatch: pytest.Monk
         "--shuffle, --no-shuffle",
         "--scheduler STR",
         "--config YAML",
+        "--optimizer {sgd,adam,adamw,adagrad}",  # a Literal field shows its choices
+        "--monitor {eval_loss,eval_accuracy,eval_r2}",
     ]:
         assert snippet in flat, snippet
     assert "==SUPPRESS==" not in text

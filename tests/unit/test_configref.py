@@ -56,6 +56,7 @@ def test_specific_rows() -> None:
     assert "| `--hidden` | `model.hidden` | list of int (comma-separated) | `128,128` |" in text
     assert "| `--scheduler` | `cluster.scheduler` | str or none | (none) |" in text
     assert "runs/&lt;timestamp&gt;" in text  # not swallowed as an HTML tag
+    assert "| `--optimizer` | `optim.optimizer` | one of `sgd`, `adam`, `adamw`, `adagrad` | `adamw` |" in text
 
 
 def test_a_new_field_without_regenerating_is_detected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
