@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from dtrain import supervise
 from dtrain.config import Config, HostError, UserError, choices, coerce, field_type, load_yaml, section_fields
+from dtrain.transport import spans_hosts
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _fail(message: str, error: BaseException | None = None) -> NoReturn:
     relayed = getattr(error, "dtrain_relayed", False)  # rank 0's error, raised here to stop (dist.run_on_main)
     if not relayed and (isinstance(error, HostError) or rank == "0"):
         where = ""
-        if rank != "0" or os.environ.get("HOROVOD_CROSS_SIZE", "1") != "1":
+        if rank != "0" or spans_hosts(os.environ):
             where = f" (rank {rank} on host {socket.gethostname()})"
         print(f"dtrain: error: {message}{where}", file=sys.stderr)
     sys.exit(2)

@@ -86,10 +86,13 @@ def gradient_transport() -> str:
 
 
 def transport() -> str:
-    """What carries the gradient collectives now: ``none`` (one process), ``shm``, ``torch`` or ``horovod``."""
+    """What carries the gradient collectives now: ``none`` (one process), ``shm``, ``hier``, ``torch`` or
+    ``horovod``."""
     if not is_distributed():
         return "none"
-    return "shm" if _shm is not None else "torch" if _group is not None else "horovod"
+    if _shm is not None:
+        return "hier" if _shm.cross is not None else "shm"
+    return "torch" if _group is not None else "horovod"
 
 
 def init() -> None:
@@ -111,20 +114,23 @@ def init() -> None:
             raise UserError(f"horovod.torch cannot be imported ({e}); run launch/setup.sh") from None
         hvd.init()
         _hvd = hvd
-        if chosen in ("shm", "torch") and hvd.size() > 1:
+        if chosen in ("shm", "hier", "torch") and hvd.size() > 1:
             _group = groups.gloo_group(GROUP_TIMEOUT)
         if chosen == "shm" and hvd.size() > 1:
             _shm = groups.host_shm_group(GROUP_TIMEOUT)
+        if chosen == "hier" and _group is not None:
+            _shm = groups.hier_shm_group(GROUP_TIMEOUT)
     _initialized = True
     threads = configure_threads()
     if is_distributed() and is_main():
-        log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s", size(), local_size(),
-                 threads, transport_choice.NAMES[transport()])
+        why = transport_choice.fallback(os.environ, torch.cuda.is_available(), transport())
+        log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s%s", size(), local_size(),
+                 threads, transport_choice.NAMES[transport()], f" (not hierarchical: {why})" if why else "")
 
 
 def spans_hosts() -> bool:
     """Whether the ranks run on more than one host (horovodrun's cross size; elastic worlds change)."""
-    return launched_by_horovodrun() and os.environ.get("HOROVOD_CROSS_SIZE", "1") != "1"
+    return transport_choice.spans_hosts(os.environ)
 
 
 def main_address() -> str:

@@ -1,7 +1,9 @@
 """The groups that carry the gradient sum beside Horovod, set up once by ``dist.init`` over Horovod's ranks.
 
 * ``gloo_group``: a torch.distributed Gloo process group (DDP's transport), whose store rank 0 serves;
-* ``host_shm_group``: this host's ranks summing through shared memory (``dtrain.shm``).
+* ``host_shm_group``: this host's ranks summing through shared memory (``dtrain.shm``);
+* ``hier_shm_group``: the same on each of several hosts, whose ranks also sum their shards across
+  hosts over Gloo subgroups of ``gloo_group``'s (``dtrain.hier``).
 
 Both are made with ``dtrain.dist``'s collectives (which this module calls, never Horovod itself), so
 Horovod stays imported by ``dist`` alone.
@@ -16,7 +18,7 @@ import socket
 import uuid
 from typing import Any
 
-from dtrain import dist, shm
+from dtrain import dist, hier, shm
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,31 @@ def host_shm_group(timeout: datetime.timedelta) -> shm.ShmGroup:
     return shm.ShmGroup(dist.rank(), dist.size(), token,
                         exchange=lambda obj: dist.allgather_object(obj, name="dtrain-shm"),
                         timeout=timeout.total_seconds())
+
+
+def hier_shm_group(timeout: datetime.timedelta) -> shm.ShmGroup:
+    """This host's ranks summing through shared memory, and their shards across hosts (``dtrain.hier``).
+
+    Needs ``gloo_group``'s default group: the subgroups across hosts are made from it, by every rank.
+    """
+    import torch.distributed as tdist
+
+    placed = dist.allgather_object((os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname(), dist.local_rank()),
+                                   name="dtrain-hosts")
+    layout = hier.Layout.of(placed)
+    host, local = layout.host_of(dist.rank())
+    token: str = dist.broadcast_object(uuid.uuid4().hex[:12] if dist.rank() == 0 else "", name="dtrain-shm-token")
+
+    def all_reduce(t: Any, group: Any) -> None:
+        tdist.all_reduce(t, group=group)
+
+    cross = hier.CrossHost(layout, dist.rank(), lambda ranks: tdist.new_group(ranks, timeout=timeout, backend="gloo"),
+                           all_reduce)
+    log.debug("hosts %s; this rank is local rank %d of host %d", layout.hosts, local, host)
+    # The host's index in the files' names: hosts that share a /dev/shm (containers, the test bed) do not mix.
+    return shm.ShmGroup(local, len(layout.hosts[host]), f"{token}-h{host}",
+                        exchange=lambda obj: dist.allgather_object(obj, name="dtrain-shm"),
+                        timeout=timeout.total_seconds(), members=layout.hosts[host], cross=cross)
 
 
 def gloo_group(timeout: datetime.timedelta) -> Any:
@@ -42,7 +69,7 @@ def gloo_group(timeout: datetime.timedelta) -> Any:
     iface = os.environ.get("HOROVOD_GLOO_IFACE")
     if iface:  # the interface horovodrun chose for Gloo (``lo`` on one host): Gloo's sockets use it too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-    host = "127.0.0.1" if os.environ.get("HOROVOD_CROSS_SIZE") == "1" else interface_address(iface)
+    host = interface_address(iface) if dist.spans_hosts() else "127.0.0.1"
     rank, size = dist.rank(), dist.size()
     store = None
     port = 0

@@ -13,6 +13,9 @@ is bound by. So, where shared memory carries the gradients (``dtrain.shm``):
   shard updated. There is no allgather: the other ranks' updates are in the memory every model reads;
 * gradient clipping sums the shards' squared norms, one number per rank.
 
+Across hosts with as many ranks each (``dtrain.hier``), the reduce-scatter also sums each shard over the
+hosts, so every host holds one copy and steps it alike, bit for bit.
+
 Measured on 2 cores with the 100-2048-2048-10 MLP, global batch 128 (docs/performance.md, B2 and B3):
 2 ranks stepped 3,451 samples/s, where the previous release's run, with the whole update on every
 rank, measured 2,928; and the host holds one copy of the parameters and moments instead of one per
@@ -103,6 +106,11 @@ class ShardedOptimizer:
         return None if offset <= buffer.numel() else "a gradient buffer too small"
 
     # -- the torch optimizer's surface ---------------------------------------------------------------
+
+    @property
+    def group_size(self) -> int:
+        """The ranks that share the parameters (this host's)."""
+        return self._group.size
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

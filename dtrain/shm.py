@@ -47,7 +47,7 @@ import mmap
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ YIELD_SECONDS = 2e-3  # ... then by yielding the core until this long ...
 SLEEP_FRACTION = 0.05  # ... then by sleeping 5% of the wait so far between looks (at most SLEEP_MAX):
 SLEEP_MAX = 1e-3  # a long wait (a peer loading data) costs few wake-ups and at most 5% more waiting
 LIVENESS_SECONDS = 1.0  # how often a long wait checks that the peers' processes are alive
+TAIL_ROOM = 1024  # elements after each result area: the end's owner sums a sharded sum's tail there
 PEER_GONE = "shared-memory peer is gone"  # in the error a dead peer causes (dist.peer_failure looks for it)
 
 
@@ -140,15 +141,22 @@ def _sum_into(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         out.add_(extra)
 
 
+@dataclass(frozen=True)
+class _Error:
+    """What a rank sends in an exchange instead of its part, when it cannot make or map a file."""
+
+    text: str
+
+
 @dataclass
 class _Scatter:
     """The views a sharded sum of a channel uses (``reduce_scatter_``), made once."""
 
     lo: int  # this rank's shard starts here
-    out: torch.Tensor  # where this rank sums its shard
+    out: torch.Tensor  # where this rank sums its shard (the end's owner: and the tail, right after it)
     inputs: list[torch.Tensor]  # this rank's shard of every rank's buffer
-    tails: list[torch.Tensor]  # every rank's tail
-    tail: torch.Tensor  # where this rank sums the tails
+    tails: list[torch.Tensor]  # every rank's tail (summed by the end's owner only)
+    summed_tail: torch.Tensor  # the tail's sum, in the end's owner's result area, read by every rank
 
 
 class _Channel:
@@ -161,6 +169,7 @@ class _Channel:
         self.tail: torch.Tensor | None = None  # a sharded sum's tail, summed, until ``finish`` writes it back
         bounds = shards(mine.numel, len(peers))
         lo, hi = bounds[rank]
+        self.lo = lo
         self.inputs = [seg.data[lo:hi] for seg in peers]  # shard ``rank`` of every rank's buffer
         self.out = mine.result[: hi - lo]  # where this rank sums it
         self.summed = [seg.result[: b - a] for seg, (a, b) in zip(peers, bounds, strict=True)]  # every rank's sum
@@ -173,14 +182,24 @@ class ShmGroup:
     allgather); it is called when a buffer is first reduced, and again once every rank has mapped the
     others' files (so that each can unlink its own). ``token`` names this job's files (the same on
     every rank, different for every job on the host).
+
+    Across hosts (``dtrain.hier``): ``members`` are the indexes, in ``exchange``'s list, of this host's
+    ranks (``rank`` and ``size`` are then the local ones), so a failure on any host is learnt on all;
+    ``cross(out, lo, numel)`` sums this rank's summed shard with the other hosts' between the two
+    barriers, so that every rank reads global sums.
     """
 
     def __init__(self, rank: int, size: int, token: str, exchange: Callable[[Any], list[Any]],
-                 directory: str | None = None, timeout: float = 1800.0):
+                 directory: str | None = None, timeout: float = 1800.0, members: Sequence[int] | None = None,
+                 cross: Callable[[torch.Tensor, int, int], None] | None = None):
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} outside a world of {size}")
         self.rank, self.size, self.token, self.timeout = rank, size, token, timeout
-        self._exchange = exchange
+        self.members = list(range(size)) if members is None else list(members)
+        if len(self.members) != size:
+            raise ValueError(f"{len(self.members)} members for a group of {size}")
+        self.cross = cross
+        self._gather = exchange
         self._directory = directory or default_directory()
         self._names = itertools.count()
         self._owned: dict[int, Segment] = {}  # data_ptr -> a segment of ``alloc``, not yet reduced
@@ -188,13 +207,26 @@ class ShmGroup:
         self._shared: dict[str, Segment] = {}  # key -> a tensor of ``shared``
         atexit.register(self.close)
 
+    def _who(self) -> str:
+        return f"rank {self.members[self.rank]}" if self.cross is None else \
+            f"rank {self.members[self.rank]} (local rank {self.rank})"
+
+    def _exchange(self, obj: Any) -> list[Any]:
+        """This host's ranks' ``obj``, in local rank order; raises ``Unavailable`` on every rank alike
+        when any rank of the exchange (any host's) sends an ``_Error``."""
+        everyone = self._gather(obj)
+        errors = [o.text for o in everyone if isinstance(o, _Error)]
+        if errors:
+            raise Unavailable(errors[0])
+        return [everyone[i] for i in self.members]
+
     # -- buffers --------------------------------------------------------------------------------------
 
     def _segment(self, numel: int, dtype: torch.dtype, result: int | None = None) -> Segment:
         """A new file of this rank's; its result area fits a shard of ``numel`` unless ``result`` is given."""
         path = os.path.join(self._directory, f"dtrain-{self.token}-{self.rank}-{next(self._names)}")
         if result is None:
-            result = max(b - a for a, b in shards(numel, self.size))
+            result = max(b - a for a, b in shards(numel, self.size)) + TAIL_ROOM
         return Segment(path, numel, result, dtype, create=True)
 
     def alloc(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -227,16 +259,16 @@ class ShmGroup:
             try:
                 mine = self._segment(buf.numel(), buf.dtype)
             except OSError as e:
-                error = f"rank {self.rank}: cannot create a shared file in {self._directory} ({e})"
-        described = self._exchange((mine.path if mine else None, buf.numel(), str(buf.dtype), error))
-        errors = [d[3] for d in described if d[3]]
-        if errors:
+                error = _Error(f"{self._who()}: cannot create a shared file in {self._directory} ({e})")
+        try:
+            described = self._exchange(error or (mine.path if mine else None, buf.numel(), str(buf.dtype)))
+        except Unavailable:
             if mine is not None:
                 os.unlink(mine.path)
-            raise Unavailable(errors[0])
+            raise
         assert mine is not None
-        if any((n, dt) != (buf.numel(), str(buf.dtype)) for _, n, dt, _ in described):
-            raise ValueError(f"ranks reduce different tensors under {key!r}: {[(n, dt) for _, n, dt, _ in described]}")
+        if any((n, dt) != (buf.numel(), str(buf.dtype)) for _, n, dt in described):
+            raise ValueError(f"ranks reduce different tensors under {key!r}: {[(n, dt) for _, n, dt in described]}")
         peers = [mine if r == self.rank else Segment(path, mine.numel, mine.result.numel(), mine.dtype, create=False)
                  for r, (path, *_rest) in enumerate(described)]
         self._exchange(None)  # every rank has mapped every file: the names can go
@@ -252,29 +284,30 @@ class ShmGroup:
         """
         if key in self._shared:
             raise ValueError(f"a shared tensor {key!r} exists already")
-        seg, error = None, None
+        seg: Segment | None = None
+        error: _Error | None = None
         if self.rank == 0:
             try:
                 seg = self._segment(numel, dtype, result=0)
             except OSError as e:
-                error = f"rank 0: cannot create a shared file in {self._directory} ({e})"
+                error = _Error(f"{self._who()}: cannot create a shared file in {self._directory} ({e})")
             if seg is not None and fill is not None:
                 seg.data.copy_(fill.reshape(-1))
-        path, error = self._exchange((seg.path if seg else None, error))[0]
-        if error:
-            raise Unavailable(error)
+        path = self._exchange(error or (seg.path if seg else None))[0]
         if seg is None:
             try:
                 seg = Segment(path, numel, 0, dtype, create=False)
             except (OSError, ValueError) as e:
-                error = f"rank {self.rank}: cannot map {path} ({e})"
-        errors = [e for e in self._exchange(error) if e]  # every rank has mapped it, or says why not
-        if self.rank == 0:
-            os.unlink(path)  # the name can go
-        if errors:
+                error = _Error(f"{self._who()}: cannot map {path} ({e})")
+        try:
+            self._exchange(error)  # every rank has mapped it, or says why not
+        except Unavailable:
             if seg is not None:
                 seg.close()
-            raise Unavailable(errors[0])
+            raise
+        finally:
+            if self.rank == 0:
+                os.unlink(path)  # the name can go
         assert seg is not None
         self._shared[key] = seg
         return seg.data
@@ -292,7 +325,8 @@ class ShmGroup:
 
     def allreduce_(self, buf: torch.Tensor, key: str) -> None:
         """Sum ``buf`` in place across the ranks. Collective: every rank calls it, in the same order."""
-        if self.size == 1 or buf.numel() == 0:
+        # Alone on its host, a rank still takes the whole path: the exchange that sets it up is the world's.
+        if buf.numel() == 0 or (self.size == 1 and self.cross is None):
             return
         channel = self._channel(key, buf)
         inputs, out, summed = channel.inputs, channel.out, channel.summed
@@ -302,6 +336,8 @@ class ShmGroup:
         mine = channel.mine
         self._arrive(channel)  # every rank's buffer is ready
         _sum_into(out, inputs)
+        if self.cross is not None:  # and summed over the hosts, by its owners there
+            self.cross(out, channel.lo, buf.numel())
         self._arrive(channel)  # every shard is summed
         flat = buf.view(-1) if buf.is_contiguous() else mine.data
         offset = 0
@@ -316,26 +352,38 @@ class ShmGroup:
 
         Returns this rank's shard of ``buf[:numel]`` summed over the ranks (in shared memory, valid
         until the next call under ``key``) and the shard's offset; shard ``r`` of rank ``r`` as
-        ``shards(numel, size)`` cuts them. The tail ``buf[numel:]`` (a few counts) is summed in full on
-        every rank, and written into ``buf`` by ``finish``. Until then, no rank changes ``buf``, and
-        between the two calls the ranks may call ``sum_scalar`` and change what they share: ``finish``
-        returns once every rank has done so.
+        ``shards(numel, size)`` cuts them. The tail ``buf[numel:]`` (a few counts, at most ``TAIL_ROOM``)
+        is summed in full by the last rank, and written into every rank's ``buf`` by ``finish``. Until
+        then, no rank changes ``buf``, and between the two calls the ranks may call ``sum_scalar`` and
+        change what they share: ``finish`` returns once every rank has done so.
         """
         channel = self._channel(key, buf)
         if channel.mine.data.data_ptr() != buf.data_ptr():
             channel.mine.data.copy_(buf.reshape(-1))
         views = channel.scatters.get(numel)
         if views is None:
-            lo, hi = shards(numel, self.size)[self.rank]
-            tails = [seg.data[numel:] for seg in channel.peers]
-            views = channel.scatters[numel] = _Scatter(lo, channel.mine.result[: hi - lo],
-                                                       [seg.data[lo:hi] for seg in channel.peers], tails,
-                                                       torch.empty_like(tails[0]))
+            views = channel.scatters[numel] = self._scatter(channel, numel)
         self._arrive(channel)  # every rank's buffer is ready
-        _sum_into(views.out, views.inputs)
-        _sum_into(views.tail, views.tails)
-        channel.tail = views.tail
-        return views.out, views.lo
+        _sum_into(views.out[: len(views.inputs[0])], views.inputs)
+        if views.tails:
+            _sum_into(views.out[len(views.inputs[0]) :], views.tails)
+        if self.cross is not None:  # and summed over the hosts, by its owners there (the tail by the end's)
+            self.cross(views.out, views.lo, numel)
+        channel.tail = views.summed_tail
+        return views.out[: len(views.inputs[0])], views.lo
+
+    def _scatter(self, channel: _Channel, numel: int) -> _Scatter:
+        bounds = shards(numel, self.size)
+        lo, hi = bounds[self.rank]
+        tail = channel.mine.numel - numel
+        if tail > TAIL_ROOM:
+            raise ValueError(f"a sharded sum's tail of {tail} elements (at most {TAIL_ROOM})")
+        last = self.size - 1  # the owner of the end sums the tail right after its shard
+        end = hi - lo + (tail if self.rank == last else 0)
+        a, b = bounds[last]
+        return _Scatter(lo, channel.mine.result[:end], [seg.data[lo:hi] for seg in channel.peers],
+                        [seg.data[numel:] for seg in channel.peers] if self.rank == last else [],
+                        channel.peers[last].result[b - a : b - a + tail])
 
     def sum_scalar(self, key: str, value: float) -> float:
         """The sum of every rank's ``value``, in rank order (the same bits everywhere), between
@@ -389,7 +437,7 @@ class ShmGroup:
             try:
                 os.kill(seg.pid, 0)
             except ProcessLookupError:
-                raise RuntimeError(f"rank {r} (pid {seg.pid}) stopped: {PEER_GONE}") from None
+                raise RuntimeError(f"rank {self.members[r]} (pid {seg.pid}) stopped: {PEER_GONE}") from None
             except PermissionError:  # alive, someone else's (a pid namespace apart): nothing to learn
                 pass
         if waited > self.timeout:

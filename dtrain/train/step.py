@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain import dist, models, shm
+from dtrain import dist, hier, models, shm
 from dtrain.config import Config, Task
 from dtrain.data.stream import Batch
 from dtrain.sharded import ShardedOptimizer
@@ -55,7 +55,8 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
 
 def shard_optimizer(cfg: Config, model: nn.Module, grads: list[torch.Tensor]) -> ShardedOptimizer | None:
     """The step sharded among this host's ranks over parameters they share (``dtrain/sharded.py``), where
-    it applies: ``--shard``, shared memory carries the gradients, they are summed at every step (not
+    it applies: ``--shard``, shared memory carries the gradients (on one host, or on each of several
+    with as many ranks, ``dtrain/hier.py``), they are summed at every step (not
     local SGD, Adasum or compressed) and every parameter is trained. None elsewhere (the whole step on
     every rank). Collective: every rank decides alike and sets up together."""
     group, o = dist.host_group(), cfg.optim
@@ -65,6 +66,10 @@ def shard_optimizer(cfg: Config, model: nn.Module, grads: list[torch.Tensor]) ->
     params = list(model.parameters())
     why = "frozen parameters" if not all(p.requires_grad for p in params) else \
         ShardedOptimizer.possible(params, grads[0]._base, group.size)
+    if why is None and isinstance(group.cross, hier.CrossHost) and not group.cross.layout.uniform:
+        # Hosts cutting different shards would round an element's update differently (sharded.py):
+        # their copies of the parameters would drift apart by the last bits.
+        why = "hosts with unequal numbers of ranks"
     if why is None:
         try:
             return ShardedOptimizer(group, params, grads[0]._base, lambda ps: make_optimizer(cfg, ps), o.grad_clip)
@@ -299,8 +304,8 @@ class TrainStep:
         self.sharded = shard_optimizer(cfg, model, self.grads)
         self.optimizer: Any = self.sharded or make_optimizer(cfg, model.parameters())
         if self.sharded is not None:
-            log.info("the %d ranks share the parameters and optimizer state; each steps a shard of them",
-                     dist.size())
+            log.info("the %d ranks of each host share the parameters and optimizer state; each steps a shard "
+                     "of them", self.sharded.group_size)
         # --l1/--l2: penalties on the weights around each step (on this rank's shard when sharded).
         regularize.attach(self.optimizer, self.params, cfg.optim.l1, cfg.optim.l2)
         self.combine = Combine(cfg, model, self.grads, self.counts, self.sharded)

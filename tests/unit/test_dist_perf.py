@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrain import dist, shm
+from dtrain import dist, shm, transport
 from dtrain.config import UserError
 from dtrain.flat import tiled_base
 
@@ -36,14 +36,22 @@ def test_tiled_base_refuses_anything_but_an_exact_in_order_tiling():
 
 
 ONE_HOST = {"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "1"}
+TWO_HOSTS = {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CROSS_SIZE": "2"}
 
 
 @pytest.mark.parametrize(("env", "shm_supported", "expected"), [
     ({}, True, "horovod"),  # not under horovodrun
     (ONE_HOST, True, "shm"),
     (ONE_HOST, False, "torch"),  # not x86-64 Linux: Gloo
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2"}, True, "horovod"),  # several hosts: auto stays on Horovod
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2", "DTRAIN_ALLREDUCE": "torch"}, True, "torch"),
+    (TWO_HOSTS, True, "hier"),  # several hosts: shared memory within each, Gloo across by shards
+    (TWO_HOSTS, False, "torch"),
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "torch"}, True, "torch"),
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "hier"}, True, "hier"),
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "hier"}, True, "shm"),  # one host: the hierarchy is its shared memory
+    ({**TWO_HOSTS, "HOROVOD_ELASTIC": "1"}, True, "horovod"),
+    ({**TWO_HOSTS, "HOROVOD_TIMELINE": "/tmp/t.json"}, True, "horovod"),
+    # Hosts of 2, 1 and 1 ranks: local rank 1 of the first host has a cross size of 1, and still spans hosts.
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CROSS_SIZE": "1"}, True, "hier"),
     ({**ONE_HOST, "DTRAIN_ALLREDUCE": "torch"}, True, "torch"),
     ({**ONE_HOST, "DTRAIN_ALLREDUCE": "shm"}, True, "shm"),
     ({**ONE_HOST, "DTRAIN_ALLREDUCE": "horovod"}, True, "horovod"),
@@ -57,19 +65,34 @@ def test_gradient_transport_choice(monkeypatch, env, shm_supported, expected):
     assert dist.gradient_transport() == expected
 
 
-@pytest.mark.parametrize(("env", "shm_supported"), [
-    ({"HOROVOD_RANK": "0", "HOROVOD_CROSS_SIZE": "2", "DTRAIN_ALLREDUCE": "shm"}, True),  # several hosts
-    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "shm"}, False),
+@pytest.mark.parametrize(("env", "shm_supported", "expected"), [
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "shm"}, True, "DTRAIN_ALLREDUCE=shm needs every rank on one x86-64 Linux host"),
+    ({**ONE_HOST, "DTRAIN_ALLREDUCE": "shm"}, False, "DTRAIN_ALLREDUCE=shm needs every rank on one x86-64 Linux host"),
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "hier"}, False, "DTRAIN_ALLREDUCE=hier needs x86-64 Linux hosts"),
 ])
-def test_shared_memory_asked_for_where_it_cannot_serve(monkeypatch, env, shm_supported):
+def test_shared_memory_asked_for_where_it_cannot_serve(monkeypatch, env, shm_supported, expected):
     _transport_env(monkeypatch, env, shm_supported)
-    with pytest.raises(UserError, match="DTRAIN_ALLREDUCE=shm needs every rank on one x86-64 Linux host"):
+    with pytest.raises(UserError, match=expected):
         dist.gradient_transport()
 
 
+@pytest.mark.parametrize(("env", "cuda", "expected"), [
+    (ONE_HOST, False, None),  # one host: nothing to fall back from
+    (TWO_HOSTS, False, "shared memory is not supported"),  # chosen "torch" below
+    ({**TWO_HOSTS, "HOROVOD_ELASTIC": "1"}, False, "an elastic run"),
+    (TWO_HOSTS, True, "GPUs"),
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "torch"}, False, "DTRAIN_ALLREDUCE=torch"),
+])
+def test_why_several_hosts_fall_back_from_the_hierarchy(env, cuda, expected):
+    chosen = transport.choose(env, cuda, shm_supported=False)
+    why = transport.fallback(env, cuda, chosen)
+    assert (why is None) if expected is None else (why is not None and why.startswith(expected)), why
+    assert transport.fallback(TWO_HOSTS, False, transport.choose(TWO_HOSTS, False, True)) is None
+
+
 def _transport_env(monkeypatch, env, shm_supported):
-    for k in ("HOROVOD_RANK", "HOROVOD_CROSS_SIZE", "DTRAIN_ALLREDUCE", "HOROVOD_AUTOTUNE", "HOROVOD_TIMELINE",
-              "HOROVOD_ELASTIC"):
+    for k in ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_SIZE", "HOROVOD_CROSS_SIZE", "DTRAIN_ALLREDUCE",
+              "HOROVOD_AUTOTUNE", "HOROVOD_TIMELINE", "HOROVOD_ELASTIC"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

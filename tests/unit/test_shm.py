@@ -107,7 +107,7 @@ def test_a_peer_that_dies_is_an_error_not_a_hang(tmp_path):
 
 def test_a_full_directory_is_unavailable_on_every_rank(tmp_path):
     missing = tmp_path / "no-such-dir"
-    group = shm.ShmGroup(0, 2, "test", lambda obj: [obj, (None, obj[1], obj[2], None)], directory=str(missing))
+    group = shm.ShmGroup(0, 2, "test", lambda obj: [obj, obj], directory=str(missing))
     assert not group.alloc(8).any()  # ordinary memory when no file can be made
     with pytest.raises(shm.Unavailable, match="rank 0: cannot create a shared file"):
         group.allreduce_(torch.ones(8), "grads")
