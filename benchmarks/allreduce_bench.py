@@ -1,4 +1,4 @@
-"""Allreduce latency and bandwidth between ranks on this host, for the paper model of scaling.
+"""Allreduce latency and bandwidth between ranks (on this host, or on several), for the paper model of scaling.
 
     horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python benchmarks/allreduce_bench.py [--json out.json]
 
@@ -19,6 +19,7 @@ Derives the ring model's ``latency`` and ``bandwidth`` (``t = 2 (n-1) latency + 
 bandwidth``) from the flat-buffer medians (``ring_fit``). Rank 0 prints a table and writes the JSON.
 
     .venv/bin/python benchmarks/allreduce_bench.py --project bench-results/allreduce.json
+    .venv/bin/python benchmarks/allreduce_bench.py --project one-host.json --network two-hosts.json
 
 (no horovodrun) is the paper model of docs/performance.md: it times one rank's step on one thread at
 two batch sizes for each model (``t_step(b) = t0 + c b``: fixed cost ``t0``, optimizer included, and
@@ -26,13 +27,14 @@ compute per row ``c``), reads the measured latency and bandwidth of ``--path`` (
 Gloo over loopback stands in for a network; ``shm`` is what one host does) and projects samples/s for
 1 to 64 ranks, one core each, with no overlap of compute and communication (dtrain's step):
 ``T(n) = t0 + c ceil(B/n) + t_allreduce(n)``, for a fixed global batch (``B`` = 128, dtrain's default
-mode) and for 64 rows per rank (``B`` = 64 n).
+mode) and for 64 rows per rank (``B`` = 64 n). With ``--network`` (this bench run with one rank on each
+of two hosts, e.g. the test bed's), it also projects hosts of 8 ranks summing flat (one ring over every
+rank) against hierarchically (``dtrain/hier.py``; ``across_hosts`` says how each is modelled).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from dtrain import dist
+from dtrain import dist, groups, shm
 
 # Gradient sizes (parameters) of the benchmark MLPs: 100->256->256->10 and 100->2048->2048->10.
 MODEL_SHAPES = {
@@ -137,7 +139,47 @@ def project(fit: dict[str, float], compute: dict[str, tuple[float, float]],
     return out
 
 
-def main_project(path: str | None, transport: str, latency_us: float | None, gbps: float | None) -> None:
+def ring(fit: dict[str, float], n: int, nbytes: float) -> float:
+    """Seconds of a ring allreduce of ``nbytes`` over ``n`` ranks on a link of ``fit``."""
+    return 2 * (n - 1) * fit["latency_s"] + 2 * (n - 1) / n * nbytes / fit["bandwidth_Bps"] if n > 1 else 0.0
+
+
+def across_hosts(net: dict[str, float], loopback: dict[str, float], shm_fit: dict[str, float], nbytes: float,
+                 hosts: int, per_host: int) -> tuple[float, float]:
+    """Seconds of the gradient sum over ``hosts`` x ``per_host`` ranks: flat, then hierarchical.
+
+    Flat: one ring over every rank, ordered by host, so each host's link carries one ring edge each
+    way; every ring step waits for its slowest edge, a network one or a loopback one. Hierarchical
+    (dtrain/hier.py): shared memory within the host, then ``per_host`` rings over the hosts, one per
+    local rank, each on ``1/per_host`` of the bytes and all sharing the host's link.
+    """
+    n = hosts * per_host
+    if hosts == 1:
+        return ring(loopback, n, nbytes), ring(shm_fit, per_host, nbytes)
+    step = max(net["latency_s"] + nbytes / n / net["bandwidth_Bps"],
+               loopback["latency_s"] + nbytes / n / loopback["bandwidth_Bps"])
+    return 2 * (n - 1) * step, ring(shm_fit, per_host, nbytes) + ring(net, hosts, nbytes)
+
+
+def print_hosts(net: dict[str, float], one_host: dict[str, dict[str, float]],
+                compute: dict[str, tuple[float, float]], per_host: int = 8) -> None:
+    print(f"\nacross hosts, {per_host} ranks each (network: {1e6 * net['latency_s']:.0f} us per hop, "
+          f"{net['bandwidth_Bps'] / 1e9:.2f} GB/s; within a host: loopback and shared memory as measured)")
+    print(f"{'model':<6} {'hosts':>5} {'flat ms':>9} {'hier ms':>9} {'B=128 flat':>11} {'B=128 hier':>11} "
+          f"{'64/rank flat':>13} {'64/rank hier':>13}")
+    for model, (t0, c) in compute.items():
+        nbytes = 4 * model_numel(model)
+        for hosts in (1, 2, 8, 64):
+            n = hosts * per_host
+            flat, hier = across_hosts(net, one_host["torch"], one_host["shm"], nbytes, hosts, per_host)
+            fixed = [128 / (t0 + c * -(-128 // n) + t) for t in (flat, hier)]
+            weak = [64 * n / (t0 + c * 64 + t) for t in (flat, hier)]
+            print(f"{model:<6} {hosts:>5} {1e3 * flat:>9.2f} {1e3 * hier:>9.2f} {fixed[0]:>11,.0f} {fixed[1]:>11,.0f} "
+                  f"{weak[0]:>13,.0f} {weak[1]:>13,.0f}")
+
+
+def main_project(path: str | None, transport: str, latency_us: float | None, gbps: float | None,
+                 network: str | None = None) -> None:
     torch.set_num_threads(1)
     fit: dict[str, float] = {}
     if path:
@@ -164,6 +206,14 @@ def main_project(path: str | None, transport: str, latency_us: float | None, gbp
         print(f"{r['model']:<6} {r['ranks']:>5} {r['allreduce_ms']:>12.2f} {r['fixed128_samples_per_sec']:>16,.0f} "
               f"{r['fixed128_comm_share']:>10.0%} {r['weak64_samples_per_sec']:>18,.0f} "
               f"{r['weak64_efficiency']:>10.0%}")
+    if network:  # this bench's JSON from ranks on several hosts: their Gloo fit is the network's
+        if not path:
+            raise SystemExit("--network: also give a one-host JSON of this bench (loopback and shared memory)")
+        with open(network) as f:
+            net = json.load(f)["fit"]["torch"]
+        with open(path) as f:
+            one_host = json.load(f)["fit"]
+        print_hosts(net, one_host, compute)
 
 
 def main() -> None:
@@ -177,39 +227,35 @@ def main() -> None:
     ap.add_argument("--gbps", type=float, help="--project: link bandwidth of another network (Gbit/s)")
     ap.add_argument("--path", choices=("torch", "horovod", "shm"), default="torch",
                     help="--project: which transport")
+    ap.add_argument("--network", metavar="JSON", help="--project: this bench's JSON from ranks on two hosts: "
+                    "also project flat against hierarchical sums on 1-64 hosts of 8 ranks")
     args = ap.parse_args()
     if args.project is not None:
-        main_project(args.project or None, args.path, args.latency_us, args.gbps)
+        main_project(args.project or None, args.path, args.latency_us, args.gbps, args.network)
         return
-    os.environ.setdefault("DTRAIN_ALLREDUCE", "horovod")  # dtrain's Horovod settings; torch's group is ours
+    os.environ.setdefault("DTRAIN_ALLREDUCE", "horovod")  # dtrain's Horovod settings; the groups below are ours
     dist.init()
     hvd = dist._hvd
     rank, world = dist.rank(), dist.size()
     if world < 2:
         raise SystemExit("run me under horovodrun -np 2 (or more)")
-    # A Gloo process group for torch.distributed beside Horovod: rank 0 picks the port.
-    if rank == 0:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    else:
-        port = 0
-    port = dist.broadcast_object(port, name="port")
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                             timeout=datetime.timedelta(seconds=60))
-
-    group = dist._shm_group()  # dtrain's shared-memory transport, beside the Horovod it was told to keep
+    # torch.distributed Gloo beside Horovod (on rank 0's address across hosts), and dtrain's shared
+    # memory where every rank is on this host.
+    groups.gloo_group(dist.GROUP_TIMEOUT)
+    group = groups.host_shm_group(dist.GROUP_TIMEOUT) if not dist.spans_hosts() and shm.supported() else None
+    paths = ("horovod", "torch", "shm") if group is not None else ("horovod", "torch")
     sizes = sorted({1, 256, 4096, 65536, 262144, 1 << 20, model_numel("small"), model_numel("large"), 1 << 23})
     rows = []
     for n in sizes:
-        a, b, c = torch.ones(n), torch.ones(n), group.alloc(n)
-        t = timed({"horovod": lambda a=a: hvd.allreduce_(a, op=hvd.Sum, name=f"flat{a.numel()}"),
-                   "torch": lambda b=b: tdist.all_reduce(b),
-                   "shm": lambda c=c: group.allreduce_(c, f"flat{c.numel()}")}, args.min_reps, args.min_seconds)
-        rows.append({"numel": n, "bytes": 4 * n, "horovod_s": statistics.median(t["horovod"]),
-                     "torch_s": statistics.median(t["torch"]), "shm_s": statistics.median(t["shm"])})
+        a, b = torch.ones(n), torch.ones(n)
+        fns: dict[str, Callable[[], object]] = {
+            "horovod": lambda a=a: hvd.allreduce_(a, op=hvd.Sum, name=f"flat{a.numel()}"),
+            "torch": lambda b=b: tdist.all_reduce(b)}
+        if group is not None:
+            c = group.alloc(n)
+            fns["shm"] = lambda c=c: group.allreduce_(c, f"flat{c.numel()}")
+        t = timed(fns, args.min_reps, args.min_seconds)
+        rows.append({"numel": n, "bytes": 4 * n, **{f"{k}_s": statistics.median(v) for k, v in t.items()}})
     grouped = {}
     for name, shapes in MODEL_SHAPES.items():
         tensors = [torch.ones(s) for s in shapes]
@@ -220,24 +266,26 @@ def main() -> None:
         grouped[name] = {"tensors": len(tensors), "bytes": 4 * model_numel(name),
                          "horovod_grouped_s": statistics.median(t["grouped"]),
                          "horovod_flat_s": statistics.median(t["flat"])}
-    fits = {path: ring_fit(rows, f"{path}_s", world) for path in ("horovod", "torch", "shm")}
-    group.close()
+    fits = {path: ring_fit(rows, f"{path}_s", world) for path in paths}
+    if group is not None:
+        group.close()
     tdist.destroy_process_group()
     if rank == 0:
-        print(f"allreduce (sum, float32), {world} ranks on one host, median seconds per call; "
+        where = f"across {os.environ.get('HOROVOD_CROSS_SIZE')} hosts" if dist.spans_hosts() else "on one host"
+        print(f"allreduce (sum, float32), {world} ranks {where}, median seconds per call; "
               f"HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')}, torch threads {torch.get_num_threads()}")
-        print(f"{'bytes':>12} {'horovod ms':>11} {'torch gloo ms':>14} {'dtrain shm ms':>14}")
+        print(f"{'bytes':>12}" + "".join(f"{p + ' ms':>14}" for p in paths))
         for r in rows:
-            print(f"{r['bytes']:>12} {1e3 * r['horovod_s']:>11.3f} {1e3 * r['torch_s']:>14.3f} "
-                  f"{1e3 * r['shm_s']:>14.3f}")
+            print(f"{r['bytes']:>12}" + "".join(f"{1e3 * r[p + '_s']:>14.3f}" for p in paths))
         for name, g in grouped.items():
             print(f"{name} model gradients ({g['bytes']} B) through Horovod: {g['tensors']} tensors grouped "
                   f"{1e3 * g['horovod_grouped_s']:.3f} ms, one flat tensor {1e3 * g['horovod_flat_s']:.3f} ms")
         for path, f in fits.items():
             print(f"{path}: ring model latency {1e6 * f['latency_s']:.0f} us per hop, "
                   f"bandwidth {f['bandwidth_Bps'] / 1e9:.2f} GB/s")
-        result = {"world_size": world, "cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
-                  "load_avg": os.getloadavg(), "sizes": rows, "grouped": grouped, "fit": fits}
+        result = {"world_size": world, "spans_hosts": dist.spans_hosts(),
+                  "cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"), "load_avg": os.getloadavg(), "sizes": rows,
+                  "grouped": grouped, "fit": fits}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

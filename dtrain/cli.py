@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             told = f"{ended}; see its traceback above"
         print(f"dtrain: error: rank {dist.rank()} stopped because another rank failed: {told}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(supervise.FOLLOWED)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import socket
 import uuid
 from typing import Any
 
-from dtrain import dist, hier, shm
+from dtrain import dist, hier, shm, supervise
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,12 @@ def hier_shm_group(timeout: datetime.timedelta) -> shm.ShmGroup:
     host, local = layout.host_of(dist.rank())
     token: str = dist.broadcast_object(uuid.uuid4().hex[:12] if dist.rank() == 0 else "", name="dtrain-shm-token")
 
+    # A peer cut off mid-sum ends this rank in seconds, not at the group's timeout (supervise.Watch).
+    watch = supervise.Watch(dist.rank(), dist.size(), {r for g in layout.groups() if dist.rank() in g for r in g})
+
     def all_reduce(t: Any, group: Any) -> None:
-        tdist.all_reduce(t, group=group)
+        with watch.inside():
+            tdist.all_reduce(t, group=group)
 
     cross = hier.CrossHost(layout, dist.rank(), lambda ranks: tdist.new_group(ranks, timeout=timeout, backend="gloo"),
                            all_reduce)

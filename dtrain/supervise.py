@@ -28,12 +28,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 _SCOPE = "dtrain-ends"
 _CHILD = "DTRAIN_SUPERVISED"  # set in the child: never fork twice
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _PR_SET_PDEATHSIG = 1
 BEAT = 1.0  # seconds between a parent's heartbeats; a survivor waits several before naming a silent rank
+# The exit status of a rank that stopped because another one failed (dtrain/cli.py). Not recorded as a
+# failure: with more than two ranks, a survivor reading the records would name it instead of the cause;
+# its parent marks it as following instead, so that its stilled heartbeat names nobody either.
+FOLLOWED = 3
 
 
 def describe(status: int, forwarded: bool) -> str | None:
@@ -48,7 +53,7 @@ def describe(status: int, forwarded: bool) -> str | None:
             name = f"signal {sig}"
         return None if forwarded and sig in _FORWARDED else f"was killed by {name}"
     code = os.WEXITSTATUS(status)
-    if code in (0, 2) or (forwarded and code > 128):
+    if code in (0, 2, FOLLOWED) or (forwarded and code > 128):
         return None
     return f"exited with status {code}"
 
@@ -102,9 +107,12 @@ def supervise() -> None:
         except InterruptedError:
             continue
     told = describe(status, forwarded[0])
-    if told is not None:
-        with contextlib.suppress(Exception):  # the job is ending: nothing more to do if this fails
-            record(int(os.environ["HOROVOD_RANK"]), f"rank {os.environ['HOROVOD_RANK']} on {host()} {told}")
+    rank = int(os.environ["HOROVOD_RANK"])
+    with contextlib.suppress(Exception):  # the job is ending: nothing more to do if this fails
+        if told is not None:
+            record(rank, f"rank {rank} on {host()} {told}")
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == FOLLOWED:
+            _put(f"followed-{rank}", "1")
     sys.stdout.flush()
     sys.stderr.flush()
     if os.WIFSIGNALED(status):
@@ -187,5 +195,54 @@ def peer_end(me: int, world: int, wait: float = 3.0) -> tuple[str, bool] | None:
         if time.monotonic() >= deadline:
             break
         time.sleep(0.1)
-    gone = silent(before, beats(me, world))
+    gone = [(rank, name) for rank, name in silent(before, beats(me, world)) if _get(f"followed-{rank}") is None]
     return (unanswered(gone), True) if gone else None
+
+
+class Watch:
+    """Ends this rank, with one line, when a blocking collective waits on a peer whose heartbeat stands
+    still (a partition or a lost host that sends no FIN), rather than after the collective's timeout.
+
+    Gloo's own timeout cannot tell a silent peer from a slow one (a rank waiting for its data, a long
+    checkpoint), so the groups across hosts keep a long one, and this watch tells them apart by the
+    heartbeats that supervising parents keep. ``inside()`` wraps each collective across hosts; after
+    ``stall`` seconds inside one, a thread reads the peers' heartbeats a few beats apart, and if one of
+    ``peers`` stood still, prints ``dtrain: error: rank R stopped because another rank failed: ...`` and
+    exits with ``FOLLOWED``; if it can read none, this rank is the one cut off, and says so.
+    """
+
+    def __init__(self, rank: int, world: int, peers: set[int], stall: float = 10.0):
+        self.rank, self.world, self.peers, self.stall = rank, world, peers, stall
+        self._since: float | None = None
+        self._calls = 0
+        if _store() is not None and os.environ.get(_CHILD) is not None:  # heartbeats are kept
+            threading.Thread(target=self._run, name="dtrain-watch", daemon=True).start()
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        self._calls += 1
+        self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(BEAT)
+            since, call = self._since, self._calls
+            if since is None or time.monotonic() - since < self.stall:
+                continue
+            before = beats(self.rank, self.world)
+            time.sleep(3 * BEAT)
+            if self._since != since or self._calls != call:
+                continue  # the collective ended meanwhile
+            after = beats(self.rank, self.world)
+            gone = [(r, name) for r, name in silent(before, after) if r in self.peers]
+            if not gone and (before or after):
+                continue
+            line = (f"rank {self.rank} stopped because another rank failed: {unanswered(gone)}" if gone else
+                    f"rank {self.rank} on {host()} lost the job's network (it cannot reach the rendezvous store); "
+                    "rerun the same command once it is back")
+            print(f"dtrain: error: {line}", file=sys.stderr, flush=True)
+            os._exit(FOLLOWED)

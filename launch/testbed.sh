@@ -56,6 +56,21 @@ require_host() {
   ip netns list | awk '{print $1}' | grep -qx "$(ns "$1")" || die "host $1 is not up; launch/testbed.sh up N"
 }
 
+# tbf's bucket: 1 ms of the rate, at least 4 kB and a 64 kB segment (veth hands tbf whole GSO
+# segments). A fixed small bucket caps a fast link far below its rate: tbf waits on a timer per
+# bucketful (a 4 kB bucket held "10gbit" to a small fraction of it).
+burst() {
+  local rate=$1 bits
+  [[ "$rate" =~ ^([0-9]+)(bit|kbit|mbit|gbit)$ ]] || die "rate '$rate': a number with bit, kbit, mbit or gbit"
+  case ${BASH_REMATCH[2]} in
+    bit) bits=${BASH_REMATCH[1]} ;; kbit) bits=$((BASH_REMATCH[1] * 1000)) ;;
+    mbit) bits=$((BASH_REMATCH[1] * 1000000)) ;; gbit) bits=$((BASH_REMATCH[1] * 1000000000)) ;;
+  esac
+  local bytes=$((bits / 8 / 1000))
+  [ "$bytes" -ge 65536 ] || bytes=65536
+  echo "$bytes"
+}
+
 start_sshd() {
   local host=$1 dir=$state/$1
   rm -f "$dir/sshd.pid"
@@ -172,7 +187,7 @@ case "$cmd" in
   shape)
     [ $# = 2 ] || die "usage: shape HOST RATE|off"; require_host "$1"
     ip netns exec "$(ns "$1")" tc qdisc del dev dt0 root 2>/dev/null || true
-    [ "$2" = off ] || ip netns exec "$(ns "$1")" tc qdisc add dev dt0 root tbf rate "$2" burst 32kbit latency 400ms ;;
+    [ "$2" = off ] || ip netns exec "$(ns "$1")" tc qdisc add dev dt0 root tbf rate "$2" burst "$(burst "$2")" latency 400ms ;;
   loss)
     [ $# = 2 ] && [[ "$2" =~ ^[0-9]+$ ]] || die "usage: loss HOST PCT"; require_host "$1"
     ip netns exec "$(ns "$1")" nft delete table inet dtloss 2>/dev/null || true

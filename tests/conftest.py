@@ -193,13 +193,14 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def testbed_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Hosts h1 and h2 (network namespaces with their own sshd and core), up for the session."""
+    """Hosts h1, h2 and h3 (network namespaces with their own sshd and core), up for the session; h3
+    shares h1's core and serves the runs on three hosts only."""
     import testbed as tb
 
     reason = tb.unavailable()
     if reason:
         pytest.skip(reason)
-    bed = tb.Testbed(2, tmp_path_factory.mktemp("testbed"))
+    bed = tb.Testbed(3, tmp_path_factory.mktemp("testbed"))
     bed.up()
     try:
         yield bed

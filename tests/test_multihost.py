@@ -183,12 +183,14 @@ def test_user_tls_scheduler(testbed, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_four_ranks_on_two_hosts_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path, optimizer):
-    """np=4 on 2 hosts ends where one process with the same global batch ends; every rank alike.
+    """np=4 on 2 hosts ends where one process with the same global batch ends; every rank alike. The
+    gradients take the hierarchical allreduce (dtrain/hier.py), and each host's ranks share one copy of
+    the parameters, stepped by shards.
 
-    A short horizon: across hosts the gradients travel over Horovod, whose ring sums in another order
-    than one process; Adam's normalisation amplifies such 1e-7 differences in near-zero gradients (a
-    4-rank run on ONE host with DTRAIN_ALLREDUCE=horovod ends exactly where this one does, and 1e-2
-    from one process after 94 steps), so the comparison stops at step 20."""
+    A short horizon: across hosts the gradients are summed in another order than one process sums
+    them; Adam's normalisation amplifies such 1e-7 differences in near-zero gradients (a 4-rank run on
+    ONE host with DTRAIN_ALLREDUCE=horovod ends exactly where this one does, and 1e-2 from one process
+    after 94 steps), so the comparison stops at step 20."""
     args = [*SMALL, "--epochs", "1", "--max-steps", "20", "--optimizer", optimizer,
             "--lr", "0.05" if optimizer == "sgd" else "0.003", "--weight-decay", "0.01"]
     one = dtrain_local(args, run_dir=tmp_path / "one").check()
@@ -198,7 +200,62 @@ def test_four_ranks_on_two_hosts_follow_one_process(testbed, bed_cluster, dtrain
     four = summary(tmp_path / "four")
     assert four["world_size"] == 4 and four["steps"] == one.summary()["steps"] > 0
     assert four["ranks_identical"] is True  # every rank's model_sha256 equal
+    assert four["sharded_step"] is True and "(hierarchical)" in text, text[-5000:]
     assert max_rel_diff(tmp_path / "four", tmp_path / "one") < 1e-5
+
+
+def test_three_hosts_with_unequal_ranks_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path):
+    """2, 1 and 1 ranks on h1, h2 and h3: the hosts cut different shards, so the hierarchical sum goes by
+    atoms (dtrain/hier.py), and every rank takes the whole step (shards cut differently would round
+    differently). The same model as one process, on every rank alike."""
+    args = [*SMALL, "--epochs", "1", "--max-steps", "20", "--optimizer", "sgd", "--lr", "0.05", "--grad-clip", "0.5"]
+    one = dtrain_local(args, run_dir=tmp_path / "one").check()
+    rc, text = run_job(testbed, horovodrun("h1:2,h2:1,h3:1", ["--scheduler", bed_cluster, *args, "--run-dir",
+                                                              str(tmp_path / "four")]), tmp_path / "log.txt")
+    assert rc == 0, text[-5000:]
+    four = summary(tmp_path / "four")
+    assert four["world_size"] == 4 and four["steps"] == one.summary()["steps"] > 0
+    assert four["ranks_identical"] is True and four["sharded_step"] is False
+    assert "(hierarchical)" in text and "whole optimizer step: hosts with unequal numbers of ranks" in text
+    assert max_rel_diff(tmp_path / "four", tmp_path / "one") < 1e-5
+
+
+def test_host_lost_mid_step_with_the_hierarchical_sum(testbed, bed_cluster, tmp_path):
+    """h2 (2 of 4 ranks) lost mid-run, its link cut before its processes die (a host that goes silent,
+    no FIN): h1's ranks, waiting in the sum across hosts, end within seconds (their watch reads h2's
+    stilled heartbeats), each with one line naming h2; the last checkpoint stays intact and the same
+    command resumes from it once h2 is back."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    cmd = horovodrun("h1:2,h2:2", ["--scheduler", bed_cluster, *FAULT_TRAIN, "--run-dir", str(run)])
+    pace = tmp_path / "pace"
+    pace.touch()
+    proc = testbed.start("h1", cmd, log, env={**ENV, "PACED_MODEL_FILE": str(pace)})
+    try:
+        wait_for("a checkpoint", lambda: Checkpointer(str(run / "checkpoints")).list(), proc, timeout=300)
+        testbed.link("h2", False)
+        testbed.kill_host("h2")
+        cut = time.monotonic()
+        rc = proc.wait(timeout=120)
+        ended = time.monotonic() - cut
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    print(f"the job ended {ended:.0f} s after h2 was lost")
+    assert rc != 0 and not (run / "summary.json").exists()
+    assert "(hierarchical)" in text
+    saved = Checkpointer(str(run / "checkpoints")).latest()
+    assert saved is not None
+    errors = error_lines(text)
+    assert 1 <= len(errors) <= 2 and len({e.split("]")[0] for e in errors}) == len(errors), text[-5000:]
+    for line in errors:
+        assert "stopped because another rank failed" in line and "on h2 stopped answering" in line, line
+        assert "on h1" not in line and "once h2 is back" in line, line
+    testbed.clean()
+    pace.unlink()
+    rc, text = run_job(testbed, cmd, log)
+    assert rc == 0, text[-5000:]
+    assert "resuming from" in text and summary(run)["steps"] == 120
 
 
 def kill_job(bed: Testbed) -> None:

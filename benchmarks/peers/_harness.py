@@ -29,6 +29,11 @@ MODELS: dict[str, tuple[int, list[int], int]] = {
 }
 
 RESULT_PREFIX = "BENCH_RESULT "
+# DTRAIN_BENCH_NIC=dt0: count the bytes this host sends on that interface during the timed windows
+# (benchmarks/multihost_bench.py). Read from /proc/net/dev, which shows the reading process's network
+# namespace (a test bed host's), unlike /sys/class/net.
+NIC_ENV = "DTRAIN_BENCH_NIC"
+_wire: dict[str, Any] = {}
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -91,7 +96,22 @@ def measure(step: Callable[[], Any], samples_per_step: int, args: argparse.Names
     steps = agree(_steps_per_window([step], args))
     if sync is not None:
         sync()
-    return [_window(step, steps, samples_per_step) for _ in range(args.windows)]
+    nic = os.environ.get(NIC_ENV)
+    sent = tx_bytes(nic) if nic else 0
+    rates = [_window(step, steps, samples_per_step) for _ in range(args.windows)]
+    if nic:
+        _wire.update(nic=nic, tx_bytes_per_step=(tx_bytes(nic) - sent) / (steps * args.windows))
+    return rates
+
+
+def tx_bytes(nic: str) -> int:
+    """Bytes sent so far on ``nic`` of this process's network namespace."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == nic:
+                return int(counters.split()[8])  # receive has 8 fields, then transmit's bytes
+    raise ValueError(f"no interface {nic!r} in /proc/net/dev")
 
 
 def _steps_per_window(steps: list[Callable[[], Any]], args: argparse.Namespace) -> int:
@@ -145,5 +165,5 @@ def report(contender: str, args: argparse.Namespace, rates: list[float], world: 
     result = {"contender": contender, "model": args.model, "global_batch": args.global_batch, "world_size": world,
               "samples_per_sec": rates, "torch_threads": torch.get_num_threads(),
               "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")
-                      if k in os.environ}, **extra}
+                      if k in os.environ}, **_wire, **extra}
     print(RESULT_PREFIX + json.dumps(result), flush=True)

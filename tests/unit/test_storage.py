@@ -196,6 +196,7 @@ def test_how_a_rank_ended_is_told_only_when_the_others_need_it() -> None:
     assert describe(exited(1), forwarded=False) == "exited with status 1"
     assert describe(exited(0), forwarded=False) is None
     assert describe(exited(2), forwarded=False) is None  # bad input: every rank says so itself
+    assert describe(exited(3), forwarded=False) is None  # stopped because another rank failed: not a cause
     assert describe(exited(143), forwarded=True) is None  # stopped with a checkpoint, as asked
 
 
