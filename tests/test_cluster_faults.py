@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,67 @@ def test_a_sigkilled_worker_costs_a_pause_and_every_row_still_comes_once():
 def _dask(args: list[str], log) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(Path(PYTHON).parent / "dask"), *args], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def _cluster(port: int, log_path: Path) -> list[subprocess.Popen[bytes]]:
+    """A Dask scheduler on ``port`` of this host and one worker."""
+    log = open(log_path, "ab")  # noqa: SIM115
+    procs = [_dask(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"], log)]
+    procs.append(_dask(["worker", f"tcp://127.0.0.1:{port}", "--nthreads", "2", "--no-dashboard"], log))
+    return procs
+
+
+def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_carries_on_with_every_row_once_when_its_scheduler_comes_back(tmp_path):
+    """Below the trainer, one rank: the cluster killed mid-pass and started again within Dask's own
+    reconnection window, so the same client carries on. The pass submits again what it had in flight
+    and yields the rows of a pass left alone, in the same order."""
+    from distributed import Client
+
+    from dtrain.cluster import reconnect
+    from dtrain.clusterplugins import install
+    from dtrain.config import DataConfig
+    from dtrain.data import open_dataset
+    from dtrain.data.plan import EpochPlan
+    from dtrain.data.stream import Stream
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = _cluster(port, tmp_path / "dask.log")
+    try:
+        with Client(address, timeout=20) as client:
+            install(client)
+            ds = open_dataset(DataConfig(gen_rows=20_000, gen_partitions=8), 0)
+            stats = ds.compute_stats()
+            ds.use_stats(stats)
+            plan = EpochPlan(tuple(stats.train_sizes), 64, seed=0)
+
+            def stream() -> Stream:
+                return Stream(client, ds.partitions("train"), len(stats.features), 0, 1, prefetch=8)
+
+            alone = np.concatenate([b.row_id for b in stream().batches(plan)])
+            lost_at, resubmitted, rows = [], 0, []
+            s = stream()
+            for i, batch in enumerate(s.batches(plan)):
+                rows.append(batch.row_id)
+                if i == 20:
+                    _kill(procs)
+                    procs = _cluster(port, tmp_path / "dask.log")
+                if s.lost:
+                    lost_at.append(i)
+                    again, ready = reconnect(client, address, time.monotonic() + 30)
+                    assert ready and again is client
+                    resubmitted = s.resume(client)
+        assert len(lost_at) == 1 and lost_at[0] >= 20 and resubmitted > 0
+        assert np.array_equal(np.concatenate(rows), alone)
+    finally:
+        _kill(procs)
 
 
 @pytest.mark.distributed
