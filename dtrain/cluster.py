@@ -124,6 +124,7 @@ def reconnect(client: Client, address: str, until: float) -> tuple[Client, bool]
             try:
                 client.wait_for_workers(1, timeout=left)
             except OSError:  # none joined in time (a TimeoutError), or the scheduler went again
+                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
                 continue
             clusterplugins.install(client)
             return client, True
