@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import dask
@@ -102,6 +103,32 @@ def _connect(address: str, timeout: float, security: Security | None = None) -> 
             "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
             "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY on every host (docs/deploy.md)"
         ) from None
+
+
+def reconnect(client: Client, address: str, until: float) -> tuple[Client, bool]:
+    """Try until ``until`` (``time.monotonic()``) for a client to the scheduler at ``address`` with a worker.
+
+    Returns the client to use from now on and whether it is ready. After losing its scheduler, Dask's
+    client retries it in the background for its ``timeout`` (--connect-timeout), then closes for
+    good: a new client to the same address takes over from there. A scheduler that came back is a new
+    one, without tasks or workers until they rejoin, and without dtrain's plugins, registered again.
+    """
+    while (left := until - time.monotonic()) > 0:
+        if client.status in ("closing", "closed"):
+            # TimeoutError is an OSError: the scheduler is not back yet.
+            with contextlib.suppress(OSError):
+                client = Client(address, timeout=left, set_as_default=True)
+        elif client.status != "running":
+            time.sleep(min(0.1, left))
+        else:
+            try:
+                client.wait_for_workers(1, timeout=left)
+            except OSError:  # none joined in time (a TimeoutError), or the scheduler went again
+                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+                continue
+            clusterplugins.install(client)
+            return client, True
+    return client, False
 
 
 @contextlib.contextmanager

@@ -65,6 +65,8 @@ class ClusterConfig:
                                    "when the ranks span hosts)")
     dask_workers: int = doc(0, "workers of the embedded local cluster (0: sized to the machine)")
     connect_timeout: float = doc(10.0, "seconds to wait for the Dask scheduler before giving up")
+    scheduler_wait: float = doc(60.0, "seconds the ranks wait for a lost --scheduler to come back (restarted, "
+                                "rescheduled) before they stop with a checkpoint (0: stop at once)")
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and not re.match(r"^(tcp|tls|inproc|ucx)://[^:/]+(:\d+)?$", self.scheduler):
@@ -73,6 +75,7 @@ class ClusterConfig:
             )
         _positive("dask_workers", self.dask_workers, zero_ok=True)
         _positive("connect_timeout", self.connect_timeout)
+        _positive("scheduler_wait", self.scheduler_wait, zero_ok=True)
 
 
 @dataclass

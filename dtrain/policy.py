@@ -3,8 +3,9 @@
 The coordinator's decisions at step granularity live here, as dask keeps a worker's decisions in a
 state machine apart from its I/O (``distributed/worker_state_machine.py``): given where training stands,
 ``StepPolicy`` says whether this step combines the ranks' counts (sync), writes a metrics line, commits
-the elastic state, may checkpoint, and whether the loop stops; ``stop_reason`` says why a run ended.
-The trainer (``dtrain/train/trainer.py``) asks and acts; the clock-driven part of "is a checkpoint due"
+the elastic state, may checkpoint, and whether the loop stops; ``scheduler_wait`` whether the ranks
+wait on for a lost Dask scheduler; ``stop_reason`` says why a run ended. The trainer
+(``dtrain/train/trainer.py``) asks and acts; the clock-driven part of "is a checkpoint due"
 (``--checkpoint-seconds``) stays with ``Coordinator.due``, which is consulted only where this policy
 allows a checkpoint (after a sync, when every rank holds the same model).
 """
@@ -82,6 +83,24 @@ class Divergence:
             return True
         self.lowest = min(self.lowest, smoothed)
         return False
+
+
+SchedulerWait = Literal["carry_on", "stop", "wait"]
+
+
+def scheduler_wait(world: int, ready: float, late: float, signals: float) -> SchedulerWait:
+    """After a round of waiting for a lost Dask scheduler: carry on, stop, or wait another round.
+
+    From sums over the ranks, the same on every rank, so all take the same turn: ``ready``, the ranks
+    whose client reaches the scheduler again with a worker; ``late``, the ranks whose --scheduler-wait
+    ran out; ``signals``, the ranks told to stop. Every rank must be ready to carry on: one that is
+    not would stall the others at its first request.
+    """
+    if signals:
+        return "stop"
+    if ready >= world:
+        return "carry_on"
+    return "stop" if late else "wait"
 
 
 def stop_reason(*, online: bool, samples: int, max_samples: int | None, global_step: int,

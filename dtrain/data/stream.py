@@ -35,7 +35,7 @@ import itertools
 import logging
 import mmap
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,20 +194,49 @@ class Stream:
         self._held: dict[int, Future] = {}  # prepared partitions that pending requests read from
         self._workers: list[str] = []  # the cluster's workers when the current pass began
         self.max_held = 0  # the most partitions held at once (observability; tested)
-        # The client lost the scheduler: the rows in hand are still trained, every rank votes to stop
-        # after them (dtrain/engine.py) and the run ends with a checkpoint.
+        # The client lost the scheduler: the rows in hand are still trained, every rank votes after
+        # them, and they wait for it together (dtrain/train/trainer.py) or stop with a checkpoint.
         self.lost = False
+        self._client_log_level = logging.NOTSET  # distributed.client's, while the scheduler is lost
+        # While a pass runs: submits again what it has in flight and not in hand (see resume).
+        self._resubmit: Callable[[], int] | None = None
         # Rows straight from the worker that cut them (1.14x the samples/s on 2 cores), unless the user's
         # Dask config says otherwise (distributed.client.direct-to-workers: ranks that cannot reach the
         # workers' addresses, only the scheduler's).
         direct = getattr(client, "direct_to_workers", None)
         self._direct = True if direct is None else bool(direct)
 
-    def _lose(self) -> None:
+    def lose(self) -> None:
+        """The scheduler is gone: this rank votes to stop after the rows in hand (``lost``)."""
+        if self.lost:
+            return
         self.lost = True
         # The client retries the scheduler in the background and logs every failed try with its
         # traceback; dtrain reports the loss itself, in one line.
-        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        logger = logging.getLogger("distributed.client")
+        self._client_log_level = logger.level
+        logger.setLevel(logging.CRITICAL)
+
+    def resume(self, client: Client) -> int:
+        """Carry on through ``client``, connected to the scheduler that came back; returns how many
+        requests in flight were submitted again.
+
+        A scheduler that comes back is a new one: it knows none of the tasks of the one that went, and
+        the client cancelled their futures. So the pass running submits again each request whose rows
+        are not in this process yet, and prepares its partitions again; rows in hand stay. Called by
+        every rank once any lost the scheduler, since the others' futures went with it too.
+        """
+        self.client = client
+        if self.lost:
+            logging.getLogger("distributed.client").setLevel(self._client_log_level)
+        self.lost = False
+        # The workers that (re)joined: new homes. A rank that sees other ones than the rest costs only
+        # locality, as homes are loose restrictions.
+        self._workers = sorted(client.nthreads())
+        for fut in self._held.values():
+            fut.release()
+        self._held.clear()
+        return self._resubmit() if self._resubmit is not None else 0
 
     def _home(self, p: int) -> str | None:
         """The worker partition ``p`` is prepared on and read from; ``None`` leaves it to the scheduler."""
@@ -349,6 +378,21 @@ class Stream:
                 req = sent.pop(i)
                 alive.append((req, loader.submit(self._gather, req, y_dtype)))
 
+        def resubmit() -> int:
+            # Suspended at a yield: alive[0]'s rows are in hand. The one loading failed with the
+            # scheduler (or it is in hand too); the sent ones' tasks went with it.
+            again = [j for j, (_, loading) in enumerate(alive) if j > 0 and _lost(loading)]
+            for j in again:
+                req = self._submit(plan, alive[j][0].steps)
+                alive[j] = (req, loader.submit(self._gather, req, y_dtype))
+            for i, req in sent.items():
+                req.release()
+                sent[i] = self._submit(plan, req.steps)
+            for p in ahead:
+                self._partition(p)
+            return len(again) + len(sent)
+
+        self._resubmit = resubmit
         try:
             for i in range(depth + extra):
                 send(i)
@@ -364,7 +408,7 @@ class Stream:
                     start += n
                     if not self.lost and (self.client.status not in ("running", "newly-created") or (
                             start == req.total and len(alive) > 1 and _lost(alive[1][1]))):
-                        self._lose()
+                        self.lose()
                     yield Batch(plan.epoch, step, rows.x[sl].to(self.device, non_blocking=True),
                                 rows.y[sl].to(self.device, non_blocking=True), rows.row_id[sl], g)
                 alive.pop(0)
@@ -383,5 +427,7 @@ class Stream:
             for req in sent.values():
                 req.release()
             loader.shutdown(wait=False, cancel_futures=True)
+            if self._resubmit is resubmit:  # not a later pass's, if this one is closed after it began
+                self._resubmit = None
             # Run to its end: the next pass's first partitions stay (``then``); stopped early: nothing does.
             self._release_unused(ahead if finished else set())

@@ -36,7 +36,7 @@ import torch
 
 import dtrain
 from dtrain import dist, elastic, evaldata, models
-from dtrain.cluster import connect
+from dtrain.cluster import connect, reconnect
 from dtrain.config import Config
 from dtrain.coordinator import Coordinator
 from dtrain.data.dataset import Stats
@@ -45,7 +45,7 @@ from dtrain.data.plan import EpochPlan, Position, limited, validate_world
 from dtrain.data.sources import list_parquet
 from dtrain.data.stream import Batch, Stream
 from dtrain.errors import UserError
-from dtrain.policy import Divergence, StepPolicy
+from dtrain.policy import Divergence, StepPolicy, scheduler_wait
 from dtrain.progress import Progress
 from dtrain.rundir import RunDir
 from dtrain.storage import ClusterLost
@@ -58,6 +58,9 @@ from dtrain.train.setup import check_elastic, check_follow, open_data, run_dir_p
 from dtrain.train.step import TrainStep, step_seed
 
 log = logging.getLogger(__name__)
+
+# Seconds of one round of waiting for a lost Dask scheduler, between the ranks' allreduces.
+WAIT_ROUND = 1.0
 
 
 class Trainer:
@@ -209,17 +212,26 @@ class Trainer:
         """Train to the end (or a signal: SystemExit with 128 + the signal, after a checkpoint); the summary."""
         with connect(self.cfg.cluster) as client:
             self.client = client
-            resumed = self._setup_data()
-            self._setup_model()
-            # Room for two checkpoints of this model, before training (dtrain/storage.py).
-            dist.run_on_main(lambda: self.coord.check_room(self.run_dir.path, self.model.state_dict().values()),
-                             name="room")
-            if resumed is not None:
-                self.load_state_dict(resumed)
-            outcome = dist.run_elastic(self._train_and_save_on_reset, self.state)
-            self.coord.restore_signal_handlers()
-            self.coord.close()
+            try:
+                outcome = self._fit()
+            finally:
+                if self.client is not client:  # a client made when the scheduler came back (_scheduler_back)
+                    self.client.close()
         return self.finish(outcome)
+
+    def _fit(self) -> dict[str, Any]:
+        """Data, model, the checkpoint to resume from, then training (elastic or not); the outcome."""
+        resumed = self._setup_data()
+        self._setup_model()
+        # Room for two checkpoints of this model, before training (dtrain/storage.py).
+        dist.run_on_main(lambda: self.coord.check_room(self.run_dir.path, self.model.state_dict().values()),
+                         name="room")
+        if resumed is not None:
+            self.load_state_dict(resumed)
+        outcome = dist.run_elastic(self._train_and_save_on_reset, self.state)
+        self.coord.restore_signal_handlers()
+        self.coord.close()
+        return outcome
 
     def _train_and_save_on_reset(self, state: Any) -> dict[str, Any]:
         """``_train``, but a world change first puts the last commit on disk (by the rank that was 0): if
@@ -339,6 +351,7 @@ class Trainer:
         batches = self.train_stream.batches(epoch_plan, y_dtype=self.y_dtype, then=then)
         for batch in timed(batches, lambda: self.meter):
             stop, synced = self._train_step(state, epoch, epoch_plan, batch)
+            stop = stop and not self._scheduler_back(state)
             if self.diverged or policy.stop(state.global_step, stop):
                 break
             if policy.commit(state.global_step, synced):
@@ -412,8 +425,41 @@ class Trainer:
         return stop, sync
 
     def _stop_vote(self) -> float:
-        # A signal on any rank, or its lost Dask scheduler, stops every rank after this step.
+        # A signal on any rank, or its lost Dask scheduler, stops every rank after this step (unless the
+        # scheduler comes back: _scheduler_back).
         return self.coord.stop_flag or float(self.train_stream.lost)
+
+    def _scheduler_back(self, state: Any) -> bool:
+        """After a vote to stop: whether every rank carries on, the Dask scheduler some rank lost being back.
+
+        Every rank saw the vote, so every rank is here. A signal anywhere stops them all, as before. A
+        lost --scheduler is waited for, up to --scheduler-wait, in rounds that each end in an allreduce
+        (``policy.scheduler_wait``), so that all ranks train the next step or all stop after this one
+        with a checkpoint (``_train``); short rounds also keep a rank that is ready from stalling in a
+        collective while another still waits. Every rank's futures went with the scheduler, so every
+        rank submits its requests in flight again, whether or not it noticed the loss itself.
+        """
+        signals, lost = dist.allreduce_sum([self.coord.stop_flag, float(self.train_stream.lost)], name="stop-why")
+        address, wait = self.cfg.cluster.scheduler, self.cfg.cluster.scheduler_wait
+        # An embedded cluster's scheduler ran in rank 0's process: it does not come back.
+        if signals or not lost or address is None or wait <= 0:
+            return False
+        self.train_stream.lose()  # on every rank: quiet Dask's own retries
+        if dist.is_main():
+            log.warning("lost the Dask scheduler at %s; waiting up to %gs for it to come back", address, wait)
+        deadline = time.monotonic() + wait
+        turn = "wait"
+        while turn == "wait":
+            self.client, ready = reconnect(self.client, address, min(deadline, time.monotonic() + WAIT_ROUND))
+            turn = scheduler_wait(self.world, *dist.allreduce_sum(
+                [float(ready), float(time.monotonic() >= deadline), self.coord.stop_flag], name="scheduler-wait"))
+        if turn == "stop":
+            return False
+        resubmitted = dist.allreduce_sum([self.train_stream.resume(self.client)], name="resubmitted")[0]
+        if dist.is_main():
+            log.warning("the Dask scheduler is back; resubmitted %d requests, carrying on from step %d",
+                        resubmitted, state.global_step)
+        return True
 
     def _log(self, state: Any, epoch: int, batch: Batch) -> None:
         """A metrics line (and the progress bar) from the sums since the last one."""

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dtrain.policy import StepPolicy, stop_reason
+from dtrain.policy import StepPolicy, scheduler_wait, stop_reason
 
 pytestmark = pytest.mark.unit
 
@@ -90,3 +90,20 @@ def test_divergence_is_the_smoothed_loss_above_factor_times_its_lowest_or_not_fi
     assert seen.index(True) == suggest([10.0**i for i in range(len(losses))], losses)[1] == 6
     assert rising.lowest == pytest.approx(min(smooth(losses)))
     assert Divergence(4.0).update(float("nan")) and Divergence(4.0).update(float("inf"))
+
+
+@given(world=st.integers(1, 16), ready=st.integers(0, 16), late=st.integers(0, 16), signals=st.integers(0, 16))
+def test_waiting_for_the_scheduler_carries_on_only_with_every_rank_ready_and_no_signal(world, ready, late, signals):
+    ready, late, signals = min(ready, world), min(late, world), min(signals, world)
+    turn = scheduler_wait(world, ready, late, signals)
+    if signals:
+        assert turn == "stop"  # a signal ends the wait at once, as it ends training
+    elif ready == world:
+        assert turn == "carry_on"  # even if a rank's time ran out as it got its client back
+    else:
+        assert turn == ("stop" if late else "wait")  # one rank out of time stops them all
+
+
+def test_the_wait_for_the_scheduler_goes_on_while_a_rank_is_not_back_in_time():
+    assert [scheduler_wait(2, r, late, 0) for r, late in [(0, 0), (1, 0), (1, 1), (2, 0)]] == [
+        "wait", "wait", "stop", "carry_on"]
