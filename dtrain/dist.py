@@ -16,6 +16,9 @@ rationale, numbers and how to reproduce them: docs/performance.md):
   memory (``dtrain.shm``): the gradient buffer lives in a file every rank maps, each rank sums one
   shard of all of them and copies the others' sums, with no socket and no copy in. 0.27 ms against
   0.77 ms for Gloo over loopback for a small MLP's gradients, 3.4 against 27 ms for 17.7 MB;
+* across hosts (not elastic, no GPU), the sum is hierarchical (``dtrain.hier``): shared memory within
+  each host, and each rank's summed shard with its owners on the other hosts over Gloo subgroups, so
+  each host sends ``2 (h-1)/h`` of the gradients (a ring over every rank sends ``2 (n-1)/n``);
 * where shared memory cannot serve (not x86-64 Linux, or no room in ``/dev/shm``), the flat buffer
   is summed by ``torch.distributed`` on a Gloo process group set up beside Horovod (DDP's transport),
   not by Horovod: Horovod negotiates every collective in a background thread that wakes each
@@ -24,7 +27,7 @@ rationale, numbers and how to reproduce them: docs/performance.md):
   than Gloo's own. Horovod still carries everything else (broadcasts, gathers, barriers, Adasum, the
   elastic API), so its cycle is set to ``CONTROL_CYCLE_TIME_MS`` (10 ms): those are rare and the idle
   background thread then costs ~3% of a core. ``DTRAIN_ALLREDUCE`` chooses: ``auto`` (the default),
-  ``shm``, ``torch`` (Gloo, also on several hosts) or ``horovod``;
+  ``shm``, ``hier``, ``torch`` (Gloo between every rank) or ``horovod``;
 * where Horovod carries the gradients, ``HOROVOD_CYCLE_TIME`` = 0.1 ms (``CPU_CYCLE_TIME_MS``):
   Horovod's default cycle (1 ms) otherwise adds its wait to each step's collective;
 * ``HOROVOD_FUSION_THRESHOLD`` is left at Horovod's default: one flat tensor has nothing to fuse.
