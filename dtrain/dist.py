@@ -128,7 +128,8 @@ def init() -> None:
     if is_distributed() and is_main():
         why = transport_choice.fallback(os.environ, torch.cuda.is_available(), transport())
         log.info("%d ranks (%d on this host), %d torch thread(s) each, gradients over %s%s", size(), local_size(),
-                 threads, transport_choice.NAMES[transport()], f" (not hierarchical: {why})" if why else "")
+                 threads, transport_choice.NAMES[transport()],
+                 f" (not through shared memory, nor hierarchically across hosts: {why})" if why else "")
 
 
 def spans_hosts() -> bool:

@@ -6,10 +6,10 @@ the hierarchical allreduce (``dtrain.hier``: shared memory within each host, Glo
 shards) when the ranks span hosts; both only when the run is not elastic (the world of an elastic run
 changes under fixed groups), there is no GPU (NCCL through Horovod there) and neither Horovod's
 autotuner nor its timeline was asked for (they must see the gradients). Gloo where shared memory is
-not supported; Horovod otherwise. ``fallback`` says, for the log line at start, why a run across
-hosts does not get the hierarchical allreduce. The reasons, measured, are in ``dtrain/dist.py``'s
-docstring and docs/performance.md. Kept apart from ``dist`` (which imports Horovod) so that the choice
-is tested from environments alone.
+not supported; Horovod otherwise. ``fallback`` says, for the log line at start, why a run does not
+sum through shared memory (on one host, or hierarchically across hosts). The reasons, measured,
+are in ``dtrain/dist.py``'s docstring and docs/performance.md. Kept apart from ``dist`` (which
+imports Horovod) so that the choice is tested from environments alone.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def choose(env: Mapping[str, str], cuda: bool, shm_supported: bool) -> str:
 
 
 def fallback(env: Mapping[str, str], cuda: bool, chosen: str) -> str | None:
-    """Why ranks across hosts do not get the hierarchical allreduce (for the log line at start), or None."""
-    if not spans_hosts(env) or chosen == "hier":
+    """Why the ranks do not sum through shared memory, on one host or hierarchically across hosts (for
+    the log line at start), or None where they do (or run alone)."""
+    if chosen in ("shm", "hier") or not launched_by_horovodrun(env):
         return None
     choice = env.get(ENV, "auto").strip().lower() or "auto"
     if choice != "auto":

@@ -76,18 +76,20 @@ def test_shared_memory_asked_for_where_it_cannot_serve(monkeypatch, env, shm_sup
         dist.gradient_transport()
 
 
-@pytest.mark.parametrize(("env", "cuda", "expected"), [
-    (ONE_HOST, False, None),  # one host: nothing to fall back from
-    (TWO_HOSTS, False, "shared memory is not supported"),  # chosen "torch" below
-    ({**TWO_HOSTS, "HOROVOD_ELASTIC": "1"}, False, "an elastic run"),
-    (TWO_HOSTS, True, "GPUs"),
-    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "torch"}, False, "DTRAIN_ALLREDUCE=torch"),
+@pytest.mark.parametrize(("env", "cuda", "shm_supported", "expected"), [
+    (ONE_HOST, False, True, None),  # shared memory
+    (TWO_HOSTS, False, True, None),  # hierarchical
+    ({}, False, True, None),  # one process
+    (TWO_HOSTS, False, False, "shared memory is not supported"),
+    ({**TWO_HOSTS, "HOROVOD_ELASTIC": "1"}, False, True, "an elastic run"),
+    ({"HOROVOD_ELASTIC": "1"}, False, True, "an elastic run"),  # elastic: no host counts in the environment
+    (TWO_HOSTS, True, True, "GPUs"),
+    ({**TWO_HOSTS, "DTRAIN_ALLREDUCE": "torch"}, False, True, "DTRAIN_ALLREDUCE=torch"),
+    ({**ONE_HOST, "HOROVOD_TIMELINE": "/tmp/t.json"}, False, True, "Horovod's autotuner or timeline"),
 ])
-def test_why_several_hosts_fall_back_from_the_hierarchy(env, cuda, expected):
-    chosen = transport.choose(env, cuda, shm_supported=False)
-    why = transport.fallback(env, cuda, chosen)
+def test_why_the_ranks_do_not_sum_through_shared_memory(env, cuda, shm_supported, expected):
+    why = transport.fallback(env, cuda, transport.choose(env, cuda, shm_supported))
     assert (why is None) if expected is None else (why is not None and why.startswith(expected)), why
-    assert transport.fallback(TWO_HOSTS, False, transport.choose(TWO_HOSTS, False, True)) is None
 
 
 def _transport_env(monkeypatch, env, shm_supported):
