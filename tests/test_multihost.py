@@ -193,15 +193,24 @@ def test_four_ranks_on_two_hosts_follow_one_process(testbed, bed_cluster, dtrain
     after 94 steps), so the comparison stops at step 20."""
     args = [*SMALL, "--epochs", "1", "--max-steps", "20", "--optimizer", optimizer,
             "--lr", "0.05" if optimizer == "sgd" else "0.003", "--weight-decay", "0.01"]
+    four, _ = four_ranks_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path, "h1:2,h2:2", args)
+    assert four["sharded_step"] is True
+
+
+def four_ranks_follow_one_process(bed: Testbed, scheduler: str, dtrain_local: Any, tmp_path: Path, hosts: str,
+                                  args: list[str]) -> tuple[dict[str, Any], str]:
+    """4 ranks on ``hosts`` summing hierarchically end within 1e-5 of one process, every rank alike;
+    their summary and output."""
     one = dtrain_local(args, run_dir=tmp_path / "one").check()
-    rc, text = run_job(testbed, horovodrun("h1:2,h2:2", ["--scheduler", bed_cluster, *args, "--run-dir",
-                                                         str(tmp_path / "four")]), tmp_path / "log.txt")
+    rc, text = run_job(bed, horovodrun(hosts, ["--scheduler", scheduler, *args, "--run-dir", str(tmp_path / "four")]),
+                       tmp_path / "log.txt")
     assert rc == 0, text[-5000:]
     four = summary(tmp_path / "four")
     assert four["world_size"] == 4 and four["steps"] == one.summary()["steps"] > 0
     assert four["ranks_identical"] is True  # every rank's model_sha256 equal
-    assert four["sharded_step"] is True and "(hierarchical)" in text, text[-5000:]
+    assert "(hierarchical)" in text, text[-5000:]
     assert max_rel_diff(tmp_path / "four", tmp_path / "one") < 1e-5
+    return four, text
 
 
 def test_three_hosts_with_unequal_ranks_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path):
@@ -209,15 +218,8 @@ def test_three_hosts_with_unequal_ranks_follow_one_process(testbed, bed_cluster,
     atoms (dtrain/hier.py), and every rank takes the whole step (shards cut differently would round
     differently). The same model as one process, on every rank alike."""
     args = [*SMALL, "--epochs", "1", "--max-steps", "20", "--optimizer", "sgd", "--lr", "0.05", "--grad-clip", "0.5"]
-    one = dtrain_local(args, run_dir=tmp_path / "one").check()
-    rc, text = run_job(testbed, horovodrun("h1:2,h2:1,h3:1", ["--scheduler", bed_cluster, *args, "--run-dir",
-                                                              str(tmp_path / "four")]), tmp_path / "log.txt")
-    assert rc == 0, text[-5000:]
-    four = summary(tmp_path / "four")
-    assert four["world_size"] == 4 and four["steps"] == one.summary()["steps"] > 0
-    assert four["ranks_identical"] is True and four["sharded_step"] is False
-    assert "(hierarchical)" in text and "whole optimizer step: hosts with unequal numbers of ranks" in text
-    assert max_rel_diff(tmp_path / "four", tmp_path / "one") < 1e-5
+    four, text = four_ranks_follow_one_process(testbed, bed_cluster, dtrain_local, tmp_path, "h1:2,h2:1,h3:1", args)
+    assert four["sharded_step"] is False and "whole optimizer step: hosts with unequal numbers of ranks" in text
 
 
 def test_host_lost_mid_step_with_the_hierarchical_sum(testbed, bed_cluster, tmp_path):
@@ -225,35 +227,48 @@ def test_host_lost_mid_step_with_the_hierarchical_sum(testbed, bed_cluster, tmp_
     no FIN): h1's ranks, waiting in the sum across hosts, end within seconds (their watch reads h2's
     stilled heartbeats), each with one line naming h2; the last checkpoint stays intact and the same
     command resumes from it once h2 is back."""
-    run, log = tmp_path / "run", tmp_path / "log.txt"
+    run, log, pace = tmp_path / "run", tmp_path / "log.txt", tmp_path / "pace"
     cmd = horovodrun("h1:2,h2:2", ["--scheduler", bed_cluster, *FAULT_TRAIN, "--run-dir", str(run)])
-    pace = tmp_path / "pace"
-    pace.touch()
-    proc = testbed.start("h1", cmd, log, env={**ENV, "PACED_MODEL_FILE": str(pace)})
-    try:
-        wait_for("a checkpoint", lambda: Checkpointer(str(run / "checkpoints")).list(), proc, timeout=300)
+
+    def lose() -> None:
         testbed.link("h2", False)
         testbed.kill_host("h2")
-        cut = time.monotonic()
-        rc = proc.wait(timeout=120)
-        ended = time.monotonic() - cut
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    print(f"the job ended {ended:.0f} s after h2 was lost")
-    assert rc != 0 and not (run / "summary.json").exists()
+
+    text = lost_mid_run(testbed, cmd, run, log, pace, {**ENV, "PACED_MODEL_FILE": str(pace)}, lose)
     assert "(hierarchical)" in text
-    saved = Checkpointer(str(run / "checkpoints")).latest()
-    assert saved is not None
     errors = error_lines(text)
     assert 1 <= len(errors) <= 2 and len({e.split("]")[0] for e in errors}) == len(errors), text[-5000:]
     for line in errors:
         assert "stopped because another rank failed" in line and "on h2 stopped answering" in line, line
         assert "on h1" not in line and "once h2 is back" in line, line
-    testbed.clean()
+    resumes(testbed, cmd, run, log, pace)
+
+
+def lost_mid_run(bed: Testbed, cmd: Sequence[str], run: Path, log: Path, pace: Path, env: dict[str, str],
+                 lose: Any) -> str:
+    """Start ``cmd`` on h1 (slowed by ``pace``), call ``lose()`` once a checkpoint exists: the job ends
+    within a bound, with nothing finished and the checkpoint intact. Returns its output."""
+    pace.touch()
+    proc = bed.start("h1", cmd, log, env=env)
+    try:
+        wait_for("a checkpoint", lambda: Checkpointer(str(run / "checkpoints")).list(), proc, timeout=300)
+        lose()
+        cut = time.monotonic()
+        rc = proc.wait(timeout=180)
+        print(f"the job ended {time.monotonic() - cut:.0f} s after h2 was lost")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc != 0 and not (run / "summary.json").exists()
+    assert Checkpointer(str(run / "checkpoints")).latest() is not None
+    return log.read_text()
+
+
+def resumes(bed: Testbed, cmd: Sequence[str], run: Path, log: Path, pace: Path) -> None:
+    """With every host back, the same command resumes from the checkpoint and finishes."""
+    bed.clean()
     pace.unlink()
-    rc, text = run_job(testbed, cmd, log)
+    rc, text = run_job(bed, cmd, log)
     assert rc == 0, text[-5000:]
     assert "resuming from" in text and summary(run)["steps"] == 120
 
@@ -432,32 +447,12 @@ def test_slow_lossy_link_same_model(testbed, bed_cluster, tmp_path):
 def test_partition_longer_than_gloo_timeout(testbed, bed_cluster, tmp_path):
     """h2's link down for longer than the Gloo timeout (10 s here): the job ends within a bound, the
     last checkpoint intact; with the link back the rerun resumes from it and finishes."""
-    run, log = tmp_path / "run", tmp_path / "log.txt"
+    run, log, pace = tmp_path / "run", tmp_path / "log.txt", tmp_path / "pace"
     cmd = horovodrun("h1:1,h2:1", ["--scheduler", bed_cluster, *FAULT_TRAIN, "--run-dir", str(run)])
-    pace = tmp_path / "pace"
-    pace.touch()
     env = {**ENV, "HOROVOD_GLOO_TIMEOUT_SECONDS": "10", "PACED_MODEL_FILE": str(pace)}
-    proc = testbed.start("h1", cmd, log, env=env)
-    try:
-        wait_for("a checkpoint", lambda: Checkpointer(str(run / "checkpoints")).list(), proc, timeout=300)
-        testbed.link("h2", False)
-        cut = time.monotonic()
-        rc = proc.wait(timeout=180)
-        ended = time.monotonic() - cut
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    print(f"the job ended {ended:.0f} s after the partition")
-    assert rc != 0 and "summary.json" not in {p.name for p in run.iterdir()}
-    saved = Checkpointer(str(run / "checkpoints")).latest()
-    assert saved is not None
+    text = lost_mid_run(testbed, cmd, run, log, pace, env, lambda: testbed.link("h2", False))
     # One line from the survivor, naming h2: its rank's heartbeat stood still (dtrain/supervise.py).
     errors = error_lines(text)
     assert len(errors) == 1 and "stopped because another rank failed" in errors[0], text[-5000:]
     assert "rank 1 on h2 stopped answering" in errors[0] and "once h2 is back" in errors[0], errors[0]
-    testbed.clean()
-    pace.unlink()
-    rc, text = run_job(testbed, cmd, log)
-    assert rc == 0, text[-5000:]
-    assert "resuming from" in text and summary(run)["steps"] == 120
+    resumes(testbed, cmd, run, log, pace)
