@@ -103,9 +103,11 @@ class Coordinator:
         run = self.cfg.run
         if self.ckpt is None:
             return False
-        self._collect()
         due = (bool(run.checkpoint_every) and global_step % run.checkpoint_every == 0) or (
             bool(run.checkpoint_seconds) and time.monotonic() - self._last_save >= run.checkpoint_seconds)
+        # At a due point, the last async save's outcome first (the save would wait for it anyway): the
+        # retry schedule must not depend on whether a failing write had ended by now.
+        self._collect(block=due)
         if due and not self.retry.attempt():  # saves keep failing: this due point is passed over
             self._last_save = time.monotonic()
             return False
