@@ -5,7 +5,9 @@ column, a text value among numbers) travels back to the rank, which prints it as
 flag and the fix. The worker also logs
 the failure ("Compute Failed", the task, the traceback: seven lines in the user's terminal for an
 embedded cluster); :class:`QuietDataErrors`, registered on every worker, drops that record. Other
-failures are logged as before: they are not ours to explain.
+failures are logged as before: they are not ours to explain. It also drops the worker's warning that a
+task it was running "ended with CancelledError": that is a rank releasing work it no longer needs, or
+the embedded cluster closing under a task as a run ends on an error the rank has already reported.
 
 **Tasks re-homed after a lost worker.** The stream sends each partition's tasks to a home worker, as a
 loose restriction (``allow_other_workers``). When that worker dies while the cluster has no other, its
@@ -24,6 +26,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 log = logging.getLogger(__name__)
 _LOGGER = "distributed.worker"
+_STATE_LOGGER = "distributed.worker.state_machine"
 
 
 class _DropDataErrors(logging.Filter):
@@ -35,16 +38,23 @@ class _DropDataErrors(logging.Filter):
         return not exception.lstrip("'\"").startswith("DataError(")
 
 
+class _DropCancelled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Async instruction for") and text.endswith("ended with CancelledError"))
+
+
 class QuietDataErrors(WorkerPlugin):
-    """Installs the filter in a worker process (and in workers that join later: plugins are kept)."""
+    """Installs the filters in a worker process (and in workers that join later: plugins are kept)."""
 
     name = "dtrain-quiet-data-errors"
     idempotent = True
 
     def setup(self, worker: Any) -> None:
-        logger = logging.getLogger(_LOGGER)
-        if not any(isinstance(f, _DropDataErrors) for f in logger.filters):
-            logger.addFilter(_DropDataErrors())
+        for name, kind in ((_LOGGER, _DropDataErrors), (_STATE_LOGGER, _DropCancelled)):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 class RehomeLostTasks(SchedulerPlugin):
