@@ -133,7 +133,7 @@ def init() -> None:
 
 
 def spans_hosts() -> bool:
-    """Whether the ranks run on more than one host (horovodrun's cross size; elastic worlds change)."""
+    """Whether the ranks run on more than one host (``dtrain.transport.spans_hosts``)."""
     return transport_choice.spans_hosts(os.environ)
 
 

@@ -38,8 +38,7 @@ def hier_shm_group(timeout: datetime.timedelta) -> shm.ShmGroup:
     """
     import torch.distributed as tdist
 
-    placed = dist.allgather_object((os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname(), dist.local_rank()),
-                                   name="dtrain-hosts")
+    placed = dist.allgather_object((supervise.host(), dist.local_rank()), name="dtrain-hosts")
     layout = hier.Layout.of(placed)
     host, local = layout.host_of(dist.rank())
     token: str = dist.broadcast_object(uuid.uuid4().hex[:12] if dist.rank() == 0 else "", name="dtrain-shm-token")

@@ -107,10 +107,6 @@ class CrossHost:
         self._groups = {owners: new_group(list(owners)) for owners in layout.groups()}
         self._atoms: dict[int, list[Atom]] = {}
 
-    @property
-    def hosts(self) -> int:
-        return len(self.layout.hosts)
-
     def __call__(self, out: torch.Tensor, lo: int, numel: int) -> None:
         """Sum ``out`` across hosts: this rank's shard of a ``numel``-element buffer, starting at ``lo``.
         Elements of ``out`` past ``numel - lo`` (a tail of counts, held by the owner of the buffer's end)

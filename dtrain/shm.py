@@ -154,6 +154,7 @@ class _Scatter:
 
     lo: int  # this rank's shard starts here
     out: torch.Tensor  # where this rank sums its shard (the end's owner: and the tail, right after it)
+    shard: torch.Tensor  # the shard's part of ``out``
     inputs: list[torch.Tensor]  # this rank's shard of every rank's buffer
     tails: list[torch.Tensor]  # every rank's tail (summed by the end's owner only)
     summed_tail: torch.Tensor  # the tail's sum, in the end's owner's result area, read by every rank
@@ -364,13 +365,13 @@ class ShmGroup:
         if views is None:
             views = channel.scatters[numel] = self._scatter(channel, numel)
         self._arrive(channel)  # every rank's buffer is ready
-        _sum_into(views.out[: len(views.inputs[0])], views.inputs)
+        _sum_into(views.shard, views.inputs)
         if views.tails:
-            _sum_into(views.out[len(views.inputs[0]) :], views.tails)
+            _sum_into(views.out[views.shard.numel() :], views.tails)
         if self.cross is not None:  # and summed over the hosts, by its owners there (the tail by the end's)
             self.cross(views.out, views.lo, numel)
         channel.tail = views.summed_tail
-        return views.out[: len(views.inputs[0])], views.lo
+        return views.shard, views.lo
 
     def _scatter(self, channel: _Channel, numel: int) -> _Scatter:
         bounds = shards(numel, self.size)
@@ -381,7 +382,8 @@ class ShmGroup:
         last = self.size - 1  # the owner of the end sums the tail right after its shard
         end = hi - lo + (tail if self.rank == last else 0)
         a, b = bounds[last]
-        return _Scatter(lo, channel.mine.result[:end], [seg.data[lo:hi] for seg in channel.peers],
+        return _Scatter(lo, channel.mine.result[:end], channel.mine.result[: hi - lo],
+                        [seg.data[lo:hi] for seg in channel.peers],
                         [seg.data[numel:] for seg in channel.peers] if self.rank == last else [],
                         channel.peers[last].result[b - a : b - a + tail])
 

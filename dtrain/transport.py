@@ -41,6 +41,10 @@ def spans_hosts(env: Mapping[str, str] = os.environ) -> bool:
     return env.get("HOROVOD_CROSS_SIZE", "1") != "1"
 
 
+def _asked(env: Mapping[str, str]) -> str:
+    return env.get(ENV, "auto").strip().lower() or "auto"
+
+
 def flag(env: Mapping[str, str], name: str) -> bool:
     """A Horovod-style on/off variable: anything but unset, empty or ``0`` is on."""
     return env.get(name, "0").strip() not in ("", "0")
@@ -52,7 +56,7 @@ def choose(env: Mapping[str, str], cuda: bool, shm_supported: bool) -> str:
 
     Raises UserError for an unknown ``DTRAIN_ALLREDUCE``, or ``shm`` or ``hier`` where it cannot serve.
     """
-    choice = env.get(ENV, "auto").strip().lower() or "auto"
+    choice = _asked(env)
     if choice not in CHOICES:
         raise UserError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "horovod" or not launched_by_horovodrun(env) or env.get("HOROVOD_ELASTIC") == "1" or cuda:
@@ -80,7 +84,7 @@ def fallback(env: Mapping[str, str], cuda: bool, chosen: str) -> str | None:
     the log line at start), or None where they do (or run alone)."""
     if chosen in ("shm", "hier") or not launched_by_horovodrun(env):
         return None
-    choice = env.get(ENV, "auto").strip().lower() or "auto"
+    choice = _asked(env)
     if choice != "auto":
         return f"{ENV}={choice}"
     if env.get("HOROVOD_ELASTIC") == "1":
